@@ -1,0 +1,25 @@
+"""``python -m bench [overrides]`` runs one job; ``python -m bench -m ...`` sweeps (Hydra multirun)."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from bench import CONF_DIR
+from bench.cli import friendly_errors
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from bench.run import run
+
+    overrides = list(HydraConfig.get().overrides.task)
+    with friendly_errors():
+        run(cfg, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

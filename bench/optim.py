@@ -1,0 +1,51 @@
+"""Optimiser and per-iteration learning-rate schedule."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+
+def default_param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> list[dict]:
+    """All trainable tensors; with ``no_decay_1d`` biases and 1-D tensors get no weight decay
+    (SPT/SNELL convention); without it every tensor is decayed (V-PETL Bench convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_decay_1d and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], train_cfg) -> torch.optim.Optimizer:
+    name = str(train_cfg.get("optimizer", "adamw")).lower()
+    lr = float(train_cfg["lr"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(train_cfg.get("betas", (0.9, 0.999))))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=float(train_cfg.get("momentum", 0.9)))
+    raise ValueError(f"unknown optimizer train.optimizer={name}; choose adamw or sgd")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int) -> Optional[CosineLRScheduler]:
+    """timm cosine with linear warm-up, stepped per iteration (``step_update(step)``).
+
+    The cosine spans all iterations and is not shifted by the warm-up (``warmup_prefix=False``), the
+    shape the anchors use, but without their per-epoch off-by-one.
+    """
+    total = max(1, int(train_cfg["epochs"]) * steps_per_epoch)
+    warmup = int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+    return CosineLRScheduler(
+        opt,
+        t_initial=total,
+        lr_min=float(train_cfg.get("min_lr", 1e-5)),
+        warmup_t=min(warmup, total - 1) if warmup > 0 else 0,
+        warmup_lr_init=float(train_cfg.get("warmup_lr", 1e-6)),
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )

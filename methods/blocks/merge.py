@@ -1,0 +1,19 @@
+"""Generic merge: replace every wrapper module that knows how to fold itself (``merged()``)."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def merge_wrappers(model: nn.Module) -> int:
+    """Replace each sub-module that defines ``merged()`` by what it returns; returns the count.
+
+    Block extension lists (``petl``) are emptied of modules that define ``merged_into_block``.
+    """
+    count = 0
+    for name, child in list(model.named_children()):
+        if hasattr(child, "merged") and callable(child.merged):
+            setattr(model, name, child.merged())
+            count += 1
+        else:
+            count += merge_wrappers(child)
+    return count

@@ -1,0 +1,10 @@
+"""Full fine-tuning: every backbone parameter and the head are trained."""
+from methods.base import Method, register, unfreeze
+
+
+@register("full")
+class Full(Method):
+    families = ("vit", "swin", "convnext")
+
+    def inject(self, model, sites):
+        unfreeze(model.parameters())
