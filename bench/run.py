@@ -40,6 +40,10 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
     import methods
 
     method = methods.build(cfg.method)
+    method.context = {
+        "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "checkpoint": cfg.backbone.get("checkpoint"),
+        "seed": int(cfg.seed), "cache_dir": cfg.get("cache_dir"), "num_classes": int(cfg.dataset.num_classes),
+    }
     model = backbones.build(cfg.backbone, num_classes=int(cfg.dataset.num_classes),
                             drop_path=float(cfg.train.get("drop_path", 0.0)), device=device)
     method.apply(model)

@@ -42,6 +42,9 @@ class Method:
 
     def __init__(self, cfg: Optional[Mapping[str, Any]] = None):
         self.cfg = dict(cfg or {})
+        # Set by the runner before ``prepare``: dataset, backbone, checkpoint, seed, cache_dir, device.
+        # Data-dependent methods key their caches with it (e.g. SPT's sensitivity files).
+        self.context: dict[str, Any] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
         v = self.cfg.get(key, default)
