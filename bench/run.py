@@ -120,6 +120,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "select_split": out["splits"]["select"],
             "eval_split": out["splits"]["test"],
             "selected_epoch": out["selected_epoch"],
+            "select_score": out["select_score"],
             "image_size": task.image_size,
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
             "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
