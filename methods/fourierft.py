@@ -7,7 +7,8 @@ n = 3000 per adapted matrix, α (``scale``) = 300, ``--share_entry``: one index 
 layer, ``randperm(d1·d2)`` under a CPU generator seeded with ``entry_seed`` = 2024 (row = idx // d2,
 column = idx % d2); c ~ N(0, 1) (from the run's global RNG), so ΔW ≠ 0 at init (per-entry std
 α·√(n/2)/(d1·d2) ≈ 0.0197 on ViT-B) and the model is *not* equal to the frozen one at step 0
-(``init: zeros`` gives ΔW = 0). The indices are a non-persistent buffer (regenerated from the seed,
+(``init: zeros`` gives ΔW = 0). On a matrix with fewer than n entries (tiny test backbones) every
+entry is trained, with a warning. The indices are a non-persistent buffer (regenerated from the seed,
 gone after ``merge``), never parameters.
 
 Orientation: the official forward computes x @ ΔW, i.e. ΔW is (in × out); we keep that forward, so
@@ -17,6 +18,8 @@ assumes square matrices (in × in); we use in × out, identical for q and v.
 Targets: q and v of the fused qkv (the official ViT runs adapt HF ``query`` and ``value``).
 ViT-B/16: 12·2·3000 = 72,000 trainable coefficients.
 """
+import warnings
+
 import torch
 from torch import nn
 
@@ -26,8 +29,11 @@ from methods.blocks.lora import DeltaLinear, qkv_slices
 
 def spectral_indices(n: int, d1: int, d2: int, seed: int) -> torch.Tensor:
     """(2, n) row/column indices of the trained spectral entries, reproducible from ``seed``."""
-    if not 1 <= n <= d1 * d2:
-        raise ValueError(f"fourierft: n_frequency={n} must be between 1 and {d1 * d2}; set method.n_frequency")
+    if n < 1:
+        raise ValueError(f"fourierft: n_frequency={n} must be >= 1; set method.n_frequency")
+    if n > d1 * d2:  # a small backbone: every spectral entry is trained
+        warnings.warn(f"fourierft: n_frequency={n} exceeds the {d1}x{d2}={d1 * d2} spectral entries; using all of them")
+        n = d1 * d2
     flat = torch.randperm(d1 * d2, generator=torch.Generator(device="cpu").manual_seed(int(seed)))[:n]
     return torch.stack([flat // d2, flat % d2])
 
