@@ -6,12 +6,15 @@ frozen random matrices **shared by every adapted layer** (each layer uses A[:, :
 drawn once from a CPU generator seeded with ``projection_prng_key`` (PEFT default 0): A first, then B,
 each uniform(±√(6/fan_in)) (PEFT's kaiming-uniform with gain √2; fan_in = in for A, r for B). They
 are buffers, not parameters, and not saved in the state dict (PEFT ``save_projection=False``
-behaviour; they are regenerated from the seed); after ``merge`` they are gone. Trained per adapted
+behaviour; they are regenerated from the seed); after ``merge`` they are gone. Every layer's buffers
+start as the same tensors; ``model.to(device)`` copies buffers per module, so on another device the
+layers hold equal copies (24 × (r·768 + 768·r) floats ≈ 38 MB on ViT-B/16 at r 256), not one storage. Trained per adapted
 layer: λ_d ∈ R^r (init ``d_initial`` 0.1) and λ_b ∈ R^out (init 0), so ΔW = 0 and the logits equal
 the frozen model's at step 0. Dropout 0.
 
 ViT-B/16, q and v of the fused qkv, r = 256 (the paper's image-classification setting):
-12·2·(256 + 768) = 24,576. ``merge`` folds ΔW into ``qkv.weight``.
+12·2·(256 + 768) = 24,576. ``vector_lr`` gives the λ vectors their own learning rate (the paper and
+PEFT examples train them with a higher rate than the head; null = one rate). ``merge`` folds ΔW into ``qkv.weight``.
 """
 import math
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from methods.base import Method, register
 from methods.blocks.lora import DeltaLinear, qkv_slices
+from methods.fourierft import split_lr_groups
 
 
 def shared_projections(rank: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +77,8 @@ class VeRA(Method):
             slices = qkv_slices(b.dim, targets)
             deltas = {t: VeRADelta(A, B, b.dim, b.dim, d_init, dropout) for t in targets}
             b.set_linear("qkv", DeltaLinear(qkv, deltas, slices))
+
+    def param_groups(self, model, lr, weight_decay):
+        """``vector_lr`` set: the λ vectors at their own rate (VeRA trains them ~10x above the head)."""
+        own = [p for m in model.modules() if isinstance(m, VeRADelta) for p in (m.lambda_d, m.lambda_b)]
+        return split_lr_groups(model, own, self.get("vector_lr"), weight_decay)

@@ -310,3 +310,15 @@ def test_dora_runs_on_embedded_dsprites_through_the_runner(tmp_path):
     assert rec["trainable_params"] == 2 * 2 * (2 * 32 * 4 + 32)  # depth 2, q and v, A, B and m
     assert 0.0 <= rec["top1"] <= 100.0 and rec["perf"]["steps"] >= 1
     assert (tmp_path / "runs").exists()
+
+
+def test_split_learning_rates_for_fourierft_and_vera():
+    model, m = build("fourierft", n_frequency=50)
+    assert m.param_groups(model, 1e-3, 0.01) is None  # default: the engine's groups
+    model, m = build("fourierft", n_frequency=50, coef_lr=0.3)
+    own, rest = m.param_groups(model, 1e-3, 0.01)
+    assert own["lr"] == 0.3 and len(own["params"]) == 4 and "lr" not in rest
+    assert {id(p) for p in rest["params"]} == {id(p) for p in backbones.head_of(model).parameters()}
+    model, m = build("vera", rank=8, vector_lr=1e-2)
+    own, rest = m.param_groups(model, 1e-3, 0.0)
+    assert own["lr"] == 1e-2 and sum(p.numel() for p in own["params"]) == trainable(model) == 2 * 2 * (8 + 32)
