@@ -1,0 +1,36 @@
+"""Prefix tuning, visual variant (Li & Liang 2021 applied to ViT self-attention).
+
+No official image code exists (V-PETL Bench ships only a broken video-Swin prefix file), so this is a
+reconstruction, documented in the specs (image_extra.md §2): every block's attention gets L learnable
+key and L learnable value vectors prepended to its keys and values (``PrefixAttention``); queries and
+the output length are unchanged, no position embedding and no mask on the prefixes.
+
+Parameter count: with the direct parameterisation (default, ``reparam: none``) the trainable tensors
+are P_k, P_v ∈ R^{L×d} per layer: 12 layers × 2 (k, v) × L × 768 = 18,432·L, i.e. **368,640 at
+L = 20** (V-PETL Bench's ``att_preseqlen`` default 20; its "0.36M" is this number truncated).
+``reparam: mlp`` trains Li & Liang's re-parameterisation instead (embedding L×d → Linear(d→m) → tanh
+→ Linear(m→2d), m = ``mid_dim`` = 64 as V-PETL's ``att_mid_dim``): 12·(20·768 + 49,216 + 99,840) =
+1,972,992 trainable parameters at L = 20; the MLP only exists for training — its output depends on
+parameters alone, so at inference the prefixes can be cached and the stored adapter is again 368,640.
+Init (direct): N(0, 0.02²) (``init: xavier`` gives U(±√(6/(L+d)))). The model is not equal to the
+frozen one at step 0 (prefixes take attention mass); not mergeable.
+"""
+from methods.base import Method, register
+from methods.blocks.prefix import PrefixAttention, PrefixTable
+
+
+def prefix_table(method: Method, dim: int, device, default_num: int) -> PrefixTable:
+    return PrefixTable(int(method.get("num_prefix", default_num)), dim, str(method.get("reparam", "none")),
+                       str(method.get("init", "normal")), float(method.get("std", 0.02)),
+                       int(method.get("mid_dim", 64)), device=device)
+
+
+@register("prefix")
+class Prefix(Method):
+    families = ("vit",)
+
+    def inject(self, model, sites):
+        for b in sites:
+            attn = b.block.attn
+            table = prefix_table(self, attn.num_heads * attn.head_dim, attn.qkv.weight.device, 20)
+            b.block.attn = PrefixAttention(attn, table)
