@@ -327,4 +327,18 @@ def randaugment_transform(size: int, mean: Sequence[float], config: str = "rand-
     if len(keep) != 2:
         raise DataError(f"timm create_transform gave {full}; expected a flip and a RandAugment op "
                         f"(dataset.randaugment={config!r})")
+    for op in getattr(keep[1], "ops", []):
+        if "Posterize" in getattr(op, "name", ""):
+            op.aug_fn = _posterize_zero_bits(op.aug_fn)
     return T.Compose(keep)
+
+
+def _posterize_zero_bits(fn: Callable) -> Callable:
+    """timm's PosterizeIncreasing can ask for 0 bits at high sampled magnitudes (m=9 + noise). Pillow < 10
+    returned an all-black image for that; newer Pillow raises ``ValueError``. Return black as the old
+    Pillow did, so the augmentation matches what the official code got under its pinned versions."""
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return fn(img, bits_to_keep, **kwargs)
+    return posterize
