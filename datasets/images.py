@@ -256,12 +256,10 @@ class PILAugmentDataset(ImageTensorDataset):
     def batch(self, idx):
         imgs = self.images[idx]
         if self.pil_transform is not None:
-            out = []
-            for img in imgs:
-                pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-                pil = self.pil_transform(pil)
-                out.append(torch.from_numpy(np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1).copy()))
-            imgs = torch.stack(out)
+            hwc = imgs.permute(0, 2, 3, 1).contiguous().numpy()  # [B, H, W, 3], augmented in place
+            for j in range(hwc.shape[0]):
+                hwc[j] = np.asarray(self.pil_transform(Image.fromarray(hwc[j])), dtype=np.uint8)
+            imgs = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
         return _normalise(imgs, self.mean, self.std), self.labels[idx]
 
 
