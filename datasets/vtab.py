@@ -29,12 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from bench.registry import DATASETS
 from datasets.base import DataError, Task
 from datasets.images import (Item, PILAugmentDataset, cached_fixed, decode_resized, default_cache_dir, filter_of,
                              randaugment_transform, sha256_file)
-
-import torch
 
 log = logging.getLogger(__name__)
 

@@ -264,3 +264,28 @@ def test_decoded_arrays_are_uint8_rgb(vtab_root):
     assert imgs.dtype == torch.uint8 and imgs.shape == (8, 3, 12, 12)
     ref = np.asarray(Image.open(vtab_root / "dtd/images/train800/000000.jpg").convert("RGB").resize((12, 12), Image.BICUBIC))
     assert np.array_equal(imgs[0].permute(1, 2, 0).numpy(), ref)
+
+
+def test_default_roots_come_from_env(monkeypatch, tmp_path):
+    from helpers import compose_cfg
+
+    monkeypatch.setenv("PETL_BENCH_VTAB", str(tmp_path / "v"))
+    monkeypatch.setenv("PETL_BENCH_FGVC", str(tmp_path / "f"))
+    assert compose_cfg(["dataset=vtab/kitti"]).dataset.root == str(tmp_path / "v")
+    assert compose_cfg(["dataset=fgvc/cub"]).dataset.root == str(tmp_path / "f")
+    monkeypatch.delenv("PETL_BENCH_VTAB")
+    assert compose_cfg(["dataset=vtab/kitti"]).dataset.root == "data/vtab-1k"
+
+
+def test_randaugment_posterize_zero_bits_gives_black():
+    """timm asks Pillow for 0 posterize bits at high magnitudes; old Pillow gave black, new Pillow raises."""
+    from datasets.images import randaugment_transform
+
+    tf = randaugment_transform(16, MEAN)
+    flip, ra = tf.transforms
+    assert type(flip).__name__ == "RandomHorizontalFlip" and type(ra).__name__ == "RandAugment"
+    assert ra.num_layers == 2 and len(ra.ops) == 15 and all(op.magnitude == 9 for op in ra.ops)
+    post = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    img = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
+    assert np.asarray(post.aug_fn(img, 0)).max() == 0
+    assert np.asarray(post.aug_fn(img, 4)).max() == 192  # 200 & 0b11110000
