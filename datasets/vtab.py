@@ -21,6 +21,12 @@ timm RandAugment ``rand-m9-mstd0.5-inc1`` after the resize, per sample, training
 per task from V-PETL's configs). Normalisation constants come from the backbone config, not from
 here. Deviation: the official loaders decode every JPEG every epoch; we decode once into a cache
 (``datasets/images.py``), which changes nothing numerically (PIL resize output is uint8 either way).
+Large evaluation splits (over ``in_memory_max_mb`` at S×S) are memory-mapped, and with
+``large_split_storage: auto`` cached at native resolution when that is smaller (resized per batch).
+
+Data source: this reads the JPEG export of VTAB-1k (NOAH's script re-encodes TFDS images as JPEG).
+VPT reads TFDS tensors directly; users report CIFAR-100 differences of ~10 points between the two
+(visinf/adapter_plus#3), so records store the list-file hashes (``task_info.list_sha256``).
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ import torch
 
 from bench.registry import DATASETS
 from datasets.base import DataError, Task
-from datasets.images import (Item, PILAugmentDataset, cached_fixed, decode_resized, default_cache_dir, filter_of,
+from datasets.images import (Item, PILAugmentDataset, RaggedResizeDataset, cache_exists, cached_fixed, cached_ragged,
+                             decode_native, decode_resized, default_cache_dir, filter_of, native_bytes,
                              randaugment_transform, sha256_file)
 
 log = logging.getLogger(__name__)
@@ -172,17 +179,39 @@ def build_vtab(cfg, image_size: int, mean, std) -> Task:
         "list_sha256": {}, "cache": {}, "sizes": {},
     }
 
+    storage = str(cfg.get("large_split_storage") or "auto")
+    if storage not in ("auto", "resized", "native"):
+        raise DataError(f"dataset.large_split_storage={storage}: choose auto, resized or native")
+
+    def store_native(items, spec) -> bool:
+        """Cache a large evaluation split at its own resolution (resized per batch) instead of at size²?"""
+        resized = len(items) * 3 * size * size
+        if storage == "resized" or resized <= mem_mb * 2**20:
+            return False
+        if storage == "native":
+            return True
+        if cache_exists(items, spec, "fixed", cache_dir, (3, size, size)):
+            return False
+        if cache_exists(items, {"kind": "vtab-native"}, "ragged", cache_dir):
+            return True
+        return native_bytes(items, workers) < resized  # keep whichever is smaller on disk
+
     def builder(split: str):
         def build():
             lst = folder / LIST_FILES[split]
             items = read_list(lst, folder, classes)
             info["list_sha256"][split] = sha256_file(lst)
-            spec = {"kind": "vtab-resize", "size": size, "interp": interp}
-            images, meta = cached_fixed(items, spec, lambda it: decode_resized(it, (size, size), resample),
-                                        (3, size, size), cache_dir, workers, mem_mb)
-            info["cache"][split] = meta
             info["sizes"][split] = len(items)
             labels = torch.tensor([it.label for it in items], dtype=torch.long)
+            spec = {"kind": "vtab-resize", "size": size, "interp": interp}
+            if split not in TRAIN_SPLITS and store_native(items, spec):
+                data, index, meta = cached_ragged(items, {"kind": "vtab-native"}, decode_native, cache_dir, workers,
+                                                  mem_mb)
+                info["cache"][split] = {**meta, "resolution": "native, resized per batch"}
+                return RaggedResizeDataset(data, index, labels, size, resample, mean, std)
+            images, meta = cached_fixed(items, spec, lambda it: decode_resized(it, (size, size), resample),
+                                        (3, size, size), cache_dir, workers, mem_mb)
+            info["cache"][split] = {**meta, "resolution": f"{size}x{size}"}
             tf = randaugment_transform(size, mean, ra_cfg) if aug and split in TRAIN_SPLITS else None
             return PILAugmentDataset(images, labels, mean, std, tf)
         return build

@@ -289,3 +289,31 @@ def test_randaugment_posterize_zero_bits_gives_black():
     img = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
     assert np.asarray(post.aug_fn(img, 0)).max() == 0
     assert np.asarray(post.aug_fn(img, 4)).max() == 192  # 200 & 0b11110000
+
+
+def test_vtab_large_eval_split_native_storage_gives_the_same_pixels(vtab_root):
+    """Eval splits over in_memory_max_mb may be cached at native resolution and resized per batch."""
+    base = cfg_of("vtab/dtd", root=str(vtab_root), interpolation="bilinear")
+    outs = []
+    # 40x30 originals are smaller than 64x64 copies: auto picks native (nothing cached yet at 64, bilinear)
+    for storage, expect in (("auto", "native"), ("native", "native"), ("resized", "64x64")):
+        cfg = OmegaConf.merge(base, {"in_memory_max_mb": 0, "large_split_storage": storage})
+        task = datasets.build(cfg, image_size=64, mean=MEAN, std=STD)
+        outs.append(all_items(task.split("test")))
+        assert task.info["cache"]["test"]["resolution"].startswith(expect), storage
+        task.split("train")
+        assert task.info["cache"]["train800"]["resolution"] == "64x64"  # training splits are always resized
+    for x, y in outs[1:]:
+        assert torch.equal(x, outs[0][0]) and torch.equal(y, outs[0][1])
+    again = datasets.build(OmegaConf.merge(base, {"in_memory_max_mb": 0}), image_size=64, mean=MEAN, std=STD)
+    again.split("test")
+    assert again.info["cache"]["test"]["resolution"] == "64x64"  # auto reuses whichever cache exists
+    reuse = datasets.build(OmegaConf.merge(base, {"in_memory_max_mb": 0}), image_size=16, mean=MEAN, std=STD)
+    reuse.split("test")
+    assert reuse.info["cache"]["test"]["resolution"] == "native, resized per batch"  # no decoding needed
+    small = datasets.build(cfg_of("vtab/cifar100", root=str(vtab_root), in_memory_max_mb=0), image_size=16,
+                           mean=MEAN, std=STD)
+    small.split("test")
+    assert small.info["cache"]["test"]["resolution"] == "16x16"  # 16x16 copies are smaller than 40x30 originals
+    with pytest.raises(DataError, match="large_split_storage=big"):
+        datasets.build(OmegaConf.merge(base, {"large_split_storage": "big"}), image_size=16, mean=MEAN, std=STD)
