@@ -22,4 +22,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from bench.cli import check_group_overrides
+
+    problem = check_group_overrides(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())

@@ -144,6 +144,7 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
     return {
         "top1": top1,
         "selected_epoch": chosen,
+        "select_score": best["score"] if select_role else None,
         "history": history,
         "train_images_per_s": seen / train_time if train_time > 0 else None,
         "train_s": train_time,

@@ -35,17 +35,20 @@ def build_optimizer(groups: list[dict], train_cfg) -> torch.optim.Optimizer:
 def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int) -> Optional[CosineLRScheduler]:
     """timm cosine with linear warm-up, stepped per iteration (``step_update(step)``).
 
-    The cosine spans all iterations and is not shifted by the warm-up (``warmup_prefix=False``), the
-    shape the anchors use, but without their per-epoch off-by-one.
+    Warm-up rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then the cosine runs from
+    ``lr`` to ``min_lr`` over the remaining iterations (``warmup_prefix=True``: continuous). The anchors
+    step per epoch after the epoch (epochs 0 and 1 both at ``warmup_lr``) and do not shift the cosine by the
+    warm-up (a jump at its end); we keep their end points, not those artefacts.
     """
     total = max(1, int(train_cfg["epochs"]) * steps_per_epoch)
     warmup = int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+    warmup = min(warmup, total - 1) if warmup > 0 else 0
     return CosineLRScheduler(
         opt,
-        t_initial=total,
+        t_initial=total - warmup,
         lr_min=float(train_cfg.get("min_lr", 1e-5)),
-        warmup_t=min(warmup, total - 1) if warmup > 0 else 0,
+        warmup_t=warmup,
         warmup_lr_init=float(train_cfg.get("warmup_lr", 1e-6)),
-        warmup_prefix=False,
+        warmup_prefix=True,
         t_in_epochs=False,
     )

@@ -95,6 +95,11 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     logger = build_logger(cfg.get("logger", "none"), resolved, run_name)
     log.info("run %s on %s: %d trainable params (+%d head)", run_name, device, counts["trainable_params"], counts["head_params"])
 
+    if cfg.get("recipe"):
+        log.info("recipe for %s on %s: %s", method.name, task.name, cfg.recipe.get("source", "?"))
+    else:
+        log.warning("no recipe for method %s on dataset %s (no conf/recipe/%s/%s.yaml): using the method's "
+                    "defaults", method.name, task.name, method.name, task.name)
     out = train_and_evaluate(model, method, task, cfg, device, logger)
     top1 = out["top1"]
     counts = count_params(model, backbones.head_of(model))  # after prepare (data-dependent methods)
@@ -120,6 +125,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "select_split": out["splits"]["select"],
             "eval_split": out["splits"]["test"],
             "selected_epoch": out["selected_epoch"],
+            "select_score": out["select_score"],
             "image_size": task.image_size,
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
             "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
@@ -131,6 +137,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         "perf": {"peak_mem_mb": out["peak_mem_mb"], "peak_mem_kind": out["peak_mem_kind"],
                  "train_images_per_s": out["train_images_per_s"], "train_s": out["train_s"],
                  "wall_s": time.perf_counter() - t_start, "steps": out["steps"]},
+        "recipe": resolved.get("recipe"),
         "method_info": out["prepare"],
         "history": out["history"],
         "env": {"versions": env.versions(), "git": env.git_state(), "device": env.device_info(device)},

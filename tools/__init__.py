@@ -1,1 +1,1 @@
-"""Command-line tools (``python -m tools.<name>``)."""
+"""Command-line tools: ``python -m tools.<name>``."""

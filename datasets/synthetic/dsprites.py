@@ -9,18 +9,13 @@ train800val200 and a fixed test set. Generated deterministically from ``seed`` a
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench.registry import DATASETS
-from datasets.base import ImageTensorDataset, Task, resize_uint8
+from datasets.base import Task
+from datasets.synthetic.common import cached, total_size, vtab_task
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +68,13 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return imgs, lat
 
 
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def cached_sprites(root, n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def make():
+        imgs, lat = generate(n, seed)
+        return {"images": imgs, **lat}
 
-
-def cached_sprites(root: Path, n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    key = hashlib.sha256(json.dumps({"v": 1, "n": n, "seed": seed, "img": IMAGE}).encode()).hexdigest()[:12]
-    path = Path(root).expanduser() / f"dsprites-{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return z["images"], {k: z[k] for k in LATENT_SIZES}
-    log.info("generating %d dSprites images (seed %d) into %s", n, seed, path)
-    imgs, lat = generate(n, seed)
-    _atomic_save_npz(path, images=imgs, **lat)
-    return imgs, lat
+    z = cached(root, "dsprites", {"v": 1, "n": n, "seed": seed, "img": IMAGE}, make)
+    return z["images"], {k: z[k] for k in LATENT_SIZES}
 
 
 def labels_for(task: str, lat: dict[str, np.ndarray]) -> np.ndarray:
@@ -102,26 +82,11 @@ def labels_for(task: str, lat: dict[str, np.ndarray]) -> np.ndarray:
     return lat[factor] * classes // LATENT_SIZES[factor]
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("PETL_BENCH_CACHE", "~/.cache/petl-bench")).expanduser() / "synthetic"
-
-
 def build_dsprites(cfg, image_size: int, mean, std) -> Task:
     task = cfg["name"].split("/")[-1]
-    sizes = cfg["sizes"]
-    n_train, n_val, n_test = int(sizes["train"]), int(sizes["val"]), int(sizes["test"])
-    root = Path(cfg.get("root") or default_cache())
-    imgs, lat = cached_sprites(root, n_train + n_val + n_test, int(cfg.get("data_seed", 0)))
-    labels = torch.from_numpy(labels_for(task, lat)).long()
-    images = resize_uint8(torch.from_numpy(imgs)[:, None], image_size)
-    cuts = {"train800": slice(0, n_train), "val200": slice(n_train, n_train + n_val),
-            "train800val200": slice(0, n_train + n_val), "test": slice(n_train + n_val, None)}
-    splits = {k: ImageTensorDataset(images[s], labels[s], mean, std) for k, s in cuts.items()}
-    return Task(
-        name=cfg["name"], benchmark=cfg.get("benchmark", "embedded"), num_classes=int(cfg["num_classes"]),
-        splits=splits, roles=dict(cfg["roles"]), image_size=image_size, mean=list(mean), std=list(std),
-        info={"source": "procedural dSprites", "factor": TASKS[task][0], "cache": str(root)},
-    )
+    imgs, lat = cached_sprites(cfg.get("root"), total_size(cfg), int(cfg.get("data_seed", 0)))
+    return vtab_task(cfg, imgs, labels_for(task, lat), image_size, mean, std,
+                     {"source": "procedural dSprites", "factor": TASKS[task][0]})
 
 
 for _task in TASKS:

@@ -1,0 +1,209 @@
+"""Regenerate leaderboard markdown from every result record.
+
+``python -m bench.leaderboard [results.dir=DIR]`` reads ``DIR/runs/**.json`` with pandas, aggregates seeds to
+mean ± std (n), and writes ``DIR/<benchmark>/leaderboard.md`` with tabulate: one table per (backbone,
+protocol), rows = methods (one row per budget/variant), columns = datasets, group means, mean, trainable
+parameters (M, excluding the head) and PPT. Published reference numbers (``results/reference/*.csv``) are shown
+beside reproduced ones when both exist. Output is deterministic: regenerating gives identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from bench import ROOT
+from bench.metrics import ppt
+from bench.results import load_records, write_text_atomic
+
+REFERENCE_DIR = ROOT / "results" / "reference"
+KEYS = ["benchmark", "backbone", "select", "method", "variant", "dataset"]
+
+
+def records_frame(results_dir: str | Path) -> pd.DataFrame:
+    rows = []
+    for r in load_records(results_dir):
+        if r.get("status") != "ok" or r.get("top1") is None:
+            continue
+        proto = r.get("protocol", {})
+        ds_cfg = (r.get("config") or {}).get("dataset") or {}
+        rows.append({
+            "benchmark": r["benchmark"], "backbone": r["backbone"], "select": proto.get("select", "last"),
+            "method": r["method"], "variant": r.get("variant") or "", "dataset": r["dataset"].split("/")[-1],
+            "group": ds_cfg.get("group"), "seed": int(r["seed"]), "top1": float(r["top1"]),
+            "params": int(r["trainable_params"]), "select_score": proto.get("select_score"),
+            "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
+            "created": r.get("created", ""), "run_id": r.get("run_id", ""),
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    # a re-run of the same configuration and seed replaces the older record
+    df = df.sort_values(["created", "run_id"]).drop_duplicates(KEYS + ["seed"], keep="last")
+    return df.reset_index(drop=True)
+
+
+def fmt_cell(mean: float, std: float, n: int) -> str:
+    if n <= 1 or math.isnan(std):
+        return f"{mean:.1f} (n={n})"
+    return f"{mean:.1f} ± {std:.1f} (n={n})"
+
+
+def dataset_order(benchmark: str, names: list[str]) -> list[str]:
+    """Canonical column order where the benchmark defines one, else alphabetical."""
+    try:
+        import datasets
+
+        order = list(getattr(datasets, "benchmark_order", lambda b: [])(benchmark))
+    except Exception:  # noqa: BLE001  (ordering is cosmetic)
+        order = []
+    known = [n for n in order if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def load_reference(benchmark: str, backbone: str) -> pd.DataFrame:
+    """Published numbers: CSV rows (benchmark, backbone, method, dataset, top1, params, source)."""
+    frames = []
+    for p in sorted(REFERENCE_DIR.glob("*.csv")) if REFERENCE_DIR.is_dir() else []:
+        df = pd.read_csv(p, comment="#")
+        need = {"benchmark", "backbone", "method", "dataset", "top1"}
+        if not need.issubset(df.columns):
+            raise ValueError(f"reference table {p} lacks columns {sorted(need - set(df.columns))}")
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame()
+    ref = pd.concat(frames, ignore_index=True)
+    return ref[(ref["benchmark"] == benchmark) & (ref["backbone"] == backbone)]
+
+
+def val_selected_rows(sub: pd.DataFrame) -> pd.DataFrame:
+    """For best_val runs of a method with several variants: per dataset and seed, the variant with the best
+    validation score (ties: fewer parameters); rows labelled '<method> [variant chosen on val]'."""
+    out = []
+    for method, g in sub.groupby("method"):
+        if g["variant"].nunique() < 2 or g["select_score"].isna().all():
+            continue
+        g = g.sort_values(["select_score", "params"], ascending=[False, True])
+        best = g.groupby(["dataset", "seed"], as_index=False).head(1).copy()
+        best["chosen"] = best["variant"]
+        best["variant"] = "variant chosen on val"
+        out.append(best)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[str]]:
+    """Markdown table for one (benchmark, backbone, protocol) and footnotes."""
+    datasets = dataset_order(benchmark, sorted(sub["dataset"].unique()))
+    groups = {}
+    for ds, grp in sub.drop_duplicates("dataset")[["dataset", "group"]].itertuples(index=False):
+        if isinstance(grp, str) and grp:
+            groups.setdefault(grp, []).append(ds)
+    notes = []
+    extra = val_selected_rows(sub) if sub["select"].iloc[0] == "best_val" else pd.DataFrame()
+    both = pd.concat([sub, extra], ignore_index=True) if not extra.empty else sub
+    agg = both.groupby(["method", "variant", "dataset"]).agg(
+        mean=("top1", "mean"), std=("top1", "std"), n=("top1", "size"), params=("params", "mean"))
+    rows = []
+    for (method, variant), g in agg.groupby(level=[0, 1]):
+        g = g.droplevel([0, 1])
+        label = method + (f" [{variant}]" if variant else "")
+        row = {"method": label}
+        for ds in datasets:
+            row[ds] = fmt_cell(g.loc[ds, "mean"], g.loc[ds, "std"], int(g.loc[ds, "n"])) if ds in g.index else ""
+        for grp, members in sorted(groups.items()):
+            have = [g.loc[d, "mean"] for d in members if d in g.index]
+            row[f"{grp} mean"] = f"{sum(have) / len(have):.1f}" if len(have) == len(members) else ""
+        complete = all(ds in g.index for ds in datasets)
+        mean = float(g["mean"].mean())
+        params = float(g["params"].mean())
+        row["mean"] = f"{mean:.1f}" + ("" if complete else "*")
+        row["params (M)"] = f"{params / 1e6:.3f}"
+        row["PPT"] = "-" if method == "full" else f"{ppt(mean / 100.0, params):.2f}"
+        rows.append((params, label, row))
+        if variant == "variant chosen on val":
+            chosen = extra[extra["method"] == method].sort_values(["dataset", "seed"])
+            picks = ", ".join(f"{d}: {'/'.join(sorted(set(c['chosen'])))}" for d, c in chosen.groupby("dataset"))
+            notes.append(f"{label}: {picks}")
+    ref = load_reference(benchmark, backbone)
+    for method, g in ref.groupby("method") if not ref.empty else []:
+        g = g.set_index("dataset")
+        row = {"method": f"{method} (published)"}
+        for ds in datasets:
+            if ds in g.index:
+                val = float(g.loc[ds, "top1"])
+                ours = agg.loc[(method, "", ds), "mean"] if (method, "", ds) in agg.index else None
+                row[ds] = f"{val:.1f}" + (f" (Δ {ours - val:+.1f})" if ours is not None else "")
+            else:
+                row[ds] = ""
+        for grp in sorted(groups):
+            row[f"{grp} mean"] = ""
+        row["mean"] = ""
+        p = g["params"].dropna() if "params" in g.columns else pd.Series(dtype=float)
+        row["params (M)"] = f"{float(p.iloc[0]):.3f}" if len(p) else ""
+        row["PPT"] = ""
+        sources = sorted(set(g["source"].dropna())) if "source" in g.columns else []
+        if sources:
+            notes.append(f"{method} (published): {'; '.join(sources)}")
+        rows.append((math.inf, row["method"], row))
+    rows.sort(key=lambda t: (t[0], t[1]))
+    body = [r for _, _, r in rows]
+    headers = list(body[0].keys()) if body else []
+    return tabulate([[r.get(h, "") for h in headers] for r in body], headers=headers, tablefmt="github"), notes
+
+
+def render(df: pd.DataFrame, benchmark: str) -> str:
+    sub_all = df[df["benchmark"] == benchmark]
+    lines = [f"# Leaderboard: {benchmark}", "",
+             "Generated by `python -m bench.leaderboard` from the records under `runs/`; do not edit by hand.",
+             "Cells: top-1 % mean ± std over seeds (n = seeds). params: trainable parameters excluding the head, "
+             "mean over datasets. PPT = mean·exp(−log10(params/1e7 + 1)). * = mean over the datasets present.", ""]
+    for (backbone, select), sub in sorted(sub_all.groupby(["backbone", "select"])):
+        splits = sub[["train_split", "eval_split"]].drop_duplicates()
+        split_txt = "; ".join(f"train on {a} → evaluate on {b}" for a, b in splits.itertuples(index=False))
+        tag = " — TEST-SELECTED (best test epoch; only for comparison with the anchors)" if select == "best_test" else ""
+        lines += [f"## backbone {backbone} · protocol eval.select={select}{tag}", "", f"Splits: {split_txt}.", ""]
+        md, notes = table(sub, benchmark, backbone)
+        lines += [md, ""]
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def regenerate(results_dir: str | Path) -> list[Path]:
+    df = records_frame(results_dir)
+    if df.empty:
+        return []
+    written = []
+    for benchmark in sorted(df["benchmark"].unique()):
+        path = Path(results_dir) / benchmark / "leaderboard.md"
+        write_text_atomic(path, render(df, benchmark))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.leaderboard", description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="results.dir=DIR (same key as the runner)")
+    ap.add_argument("--dir", default=None, help="results folder (default: results)")
+    args = ap.parse_args(argv)
+    results_dir = args.dir or "results"
+    for o in args.overrides:
+        key, _, value = o.partition("=")
+        if key != "results.dir" or not value:
+            ap.error(f"unknown argument '{o}': the only override is results.dir=DIR")
+        results_dir = value
+    if not (Path(results_dir) / "runs").is_dir():
+        print(f"error: no records under {Path(results_dir) / 'runs'}: run `python -m bench` first "
+              f"(or pass results.dir=DIR)", file=sys.stderr)
+        return 2
+    written = regenerate(results_dir)
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+import json
+import os
+
+import pytest
+
+from bench.leaderboard import main as leaderboard_main
+from bench.leaderboard import regenerate
+from bench.metrics import ppt
+from bench.results import load_records, record_path, write_json_atomic, write_record
+
+
+@pytest.mark.parametrize("top1,params,expected", [
+    (0.7144, 0.16e6, 0.7095), (0.7170, 2.38e6, 0.6535), (0.5294, 0, 0.5294), (0.9074, 0.25e6, 0.8977)])
+def test_ppt_reproduces_vpetl_tables(top1, params, expected):
+    assert round(ppt(top1, params), 4) == expected
+
+
+def fake_record(method="lora", dataset="synthetic/dsprites_loc", seed=0, top1=50.0, params=1000, variant="",
+                select="last", score=None, created="2026-01-01T00:00:00"):
+    return {
+        "schema": 1, "status": "ok", "run_id": f"{method}{variant}{dataset}{seed}{created}".replace("/", "_"),
+        "created": created, "benchmark": "embedded", "dataset": dataset, "backbone": "vit_micro",
+        "method": method, "variant": variant, "seed": seed, "top1": top1, "trainable_params": params,
+        "head_params": 10, "total_params": 10 ** 6,
+        "protocol": {"select": select, "train_split": "train800val200", "eval_split": "test", "select_score": score},
+        "config": {"dataset": {"name": dataset}},
+    }
+
+
+def test_record_written_atomically(tmp_path, monkeypatch):
+    rec = fake_record()
+    path = write_record(tmp_path, rec)
+    assert json.loads(path.read_text())["top1"] == 50.0
+    assert path == record_path(tmp_path, rec)
+    assert not list(path.parent.glob("*.tmp"))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_json_atomic(path, {"top1": 1.0})
+    assert json.loads(path.read_text())["top1"] == 50.0  # old record intact
+    assert not list(path.parent.glob("*.tmp")), "temp file left behind"
+
+
+def test_leaderboard_from_fixture_records(tmp_path):
+    for seed, acc in enumerate([60.0, 62.0, 64.0]):
+        write_record(tmp_path, fake_record("lora", seed=seed, top1=acc, params=294912))
+        write_record(tmp_path, fake_record("lora", "synthetic/dsprites_ori", seed=seed, top1=acc - 20, params=294912))
+    write_record(tmp_path, fake_record("linear", seed=0, top1=40.0, params=0))
+    write_record(tmp_path, fake_record("full", seed=0, top1=70.0, params=85_798_656))
+    # a re-run of the same seed replaces the older record
+    write_record(tmp_path, fake_record("linear", seed=0, top1=41.0, params=0, created="2026-02-01T00:00:00"))
+    paths = regenerate(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["embedded/leaderboard.md"]
+    text = paths[0].read_text()
+    assert "62.0 ± 2.0 (n=3)" in text and "42.0 ± 2.0 (n=3)" in text
+    assert "41.0 (n=1)" in text and "40.0 (n=1)" not in text
+    lora_row = next(l for l in text.splitlines() if l.startswith("| lora"))
+    assert "52.0" in lora_row and "0.295" in lora_row and f"{ppt(0.52, 294912):.2f}" in lora_row
+    full_row = next(l for l in text.splitlines() if l.startswith("| full"))
+    assert full_row.rstrip(" |").endswith("-")  # PPT not defined for full fine-tuning
+    assert "eval.select=last" in text
+    regenerate(tmp_path)
+    assert paths[0].read_text() == text, "regeneration must be deterministic"
+
+
+def test_leaderboard_rows_per_budget_and_val_selection(tmp_path):
+    for v, params, val, test in [("budget=0.2M", 200_000, 80.0, 70.0), ("budget=0.4M", 400_000, 85.0, 72.0)]:
+        write_record(tmp_path, fake_record("spt_lora", variant=v, params=params, top1=test, select="best_val", score=val))
+    write_record(tmp_path, fake_record("lora", top1=1.0, select="best_test"))
+    text = regenerate(tmp_path)[0].read_text()
+    assert "| spt_lora [budget=0.2M]" in text and "| spt_lora [budget=0.4M]" in text
+    chosen = next(l for l in text.splitlines() if "variant chosen on val" in l and l.startswith("|"))
+    assert "72.0" in chosen
+    assert "spt_lora [variant chosen on val]: dsprites_loc: budget=0.4M" in text
+    assert "TEST-SELECTED" in text
+
+
+def test_leaderboard_cli(tmp_path, capsys):
+    assert leaderboard_main([f"results.dir={tmp_path}"]) == 2  # no records yet: one-line error
+    assert "no records under" in capsys.readouterr().err
+    write_record(tmp_path, fake_record())
+    assert leaderboard_main([f"results.dir={tmp_path}"]) == 0
+    assert (tmp_path / "embedded" / "leaderboard.md").is_file()
+    assert len(load_records(tmp_path)) == 1
