@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from bench.registry import DATASETS
 from datasets import synthetic  # noqa: F401  (registers the procedural tasks)
+from datasets import fgvc, vtab  # noqa: F401  (register vtab/<task> and fgvc/<name>)
 from datasets.base import DataError, ImageTensorDataset, Task, make_loader
 
 __all__ = ["build", "Task", "DataError", "ImageTensorDataset", "make_loader"]
