@@ -2,7 +2,7 @@
 
 ``python -m tools.make_recipes`` (re)writes ``conf/recipe/<method>/<dataset>.yaml`` for every entry of the
 tables below; ``--out DIR`` writes elsewhere, ``--check`` only reports files that differ. Output is
-deterministic. Hand-written recipe files (without the generated-file marker on their first line, e.g.
+deterministic. Hand-written recipe files (without the generated-file marker on their second line, e.g.
 ``conf/recipe/lora/synthetic/dsprites_loc.yaml``) are never touched; stale generated files are removed.
 
 What a recipe sets: ``recipe.source`` (repository @ commit, file or script, table), ``recipe.notes`` (what the
@@ -634,8 +634,8 @@ def _scalar(v) -> str:
 
 
 def render(method: str, ds: str, rec: dict) -> str:
-    lines = [f"{MARKER} from its tables; edit them and run `python -m tools.make_recipes`, not this file.",
-             "# @package _global_",
+    lines = ["# @package _global_",  # must be the first line: Hydra stops reading the header at a plain comment
+             f"{MARKER} from its tables; edit them and run `python -m tools.make_recipes`, not this file.",
              "recipe:",
              f"  source: {_scalar(rec['source'])}",
              "  notes:" + ("" if rec["notes"] else " []")]
@@ -654,8 +654,9 @@ def recipe_files() -> dict[str, str]:
 
 
 def is_generated(path: Path) -> bool:
+    """Whether ``path`` was written by this generator (the marker is its second line)."""
     with open(path, encoding="utf-8") as f:
-        return f.readline().startswith(MARKER)
+        return any(f.readline().startswith(MARKER) for _ in range(2))
 
 
 def write(out_dir: Path) -> tuple[int, int]:
