@@ -1,0 +1,165 @@
+"""Generated recipes (tools/make_recipes.py): committed files = generator output, values as transcribed."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bench import CONF_DIR
+from tools import make_recipes as mr
+
+RECIPES = mr.all_recipes()
+# the methods of the suite (existing and being written); recipes may only name these
+METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
+vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
+arc_att lst hst last snf""".split())
+
+
+def _train(method, ds):
+    return RECIPES[method, ds]["train"]
+
+
+def test_committed_files_equal_generator_output(tmp_path):
+    out = tmp_path / "recipe"
+    n, removed = mr.write(out)
+    assert n == len(RECIPES) == 584 and removed == 0
+    committed = {p.relative_to(mr.RECIPE_DIR).as_posix(): p.read_text(encoding="utf-8")
+                 for p in mr.RECIPE_DIR.rglob("*.yaml") if mr.is_generated(p)}
+    generated = {p.relative_to(out).as_posix(): p.read_text(encoding="utf-8") for p in out.rglob("*.yaml")}
+    assert committed.keys() == generated.keys(), "run `python -m tools.make_recipes`"
+    assert [k for k in committed if committed[k] != generated[k]] == [], "run `python -m tools.make_recipes`"
+    assert mr.check(mr.RECIPE_DIR) == []
+    # deterministic, and hand-written recipes are left alone while stale generated ones go
+    (out / "lora" / "synthetic").mkdir(parents=True)
+    (out / "lora" / "synthetic" / "mine.yaml").write_text("# @package _global_\nrecipe: {source: me}\n")
+    (out / "ssf" / "vtab" / "gone.yaml").write_text("# @package _global_\n" + mr.MARKER + "\n")
+    assert mr.write(out) == (584, 1)
+    assert (out / "lora" / "synthetic" / "mine.yaml").is_file() and not (out / "ssf" / "vtab" / "gone.yaml").exists()
+    assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml") if mr.is_generated(p)} == generated
+    assert mr.main(["--check", "--out", str(out)]) == 0
+    (out / "ssf" / "vtab" / "dtd.yaml").write_text("# @package _global_\n" + mr.MARKER + "\nchanged\n")
+    assert mr.check(out) == ["ssf/vtab/dtd.yaml"]
+
+
+def test_every_recipe_is_complete_and_names_known_things():
+    base = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+    assert set(mr.TRAIN_KEYS) <= set(base.train.keys())
+    for (method, ds), rec in RECIPES.items():
+        assert method in METHODS and ds in mr.DATASET_CONFIG, (method, ds)
+        assert rec["source"] and list(rec["train"]) == mr.TRAIN_KEYS, (method, ds)
+        t = rec["train"]
+        assert t["optimizer"] in ("adamw", "sgd") and 0 < t["lr"] <= 15 and 0 <= t["weight_decay"] <= 1
+        assert t["epochs"] in (100, 200) and t["warmup_epochs"] == 10 and t["batch_size"] in (8, 16, 32, 64, 128)
+        assert 0 <= t["min_lr"] <= 1e-5 and 0 <= t["warmup_lr"] <= 1e-4 and 0 <= t["drop_path"] <= 0.2
+        assert t["label_smoothing"] in (0.0, 0.1) and t["clip_grad"] in (None, 1.0)
+        # train_aug is a VTAB key of the datasets; FGVC recipes never set it
+        assert set(rec["dataset"]) == ({"train_aug"} if ds in mr.VTAB_TASKS else set()), (method, ds)
+    assert not {m for m, _ in RECIPES} & set(mr.NO_RECIPE)
+
+
+def test_every_file_loads_with_the_global_package_and_known_keys():
+    base = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+    for rel, text in mr.recipe_files().items():
+        lines = text.splitlines()
+        assert lines[0] == "# @package _global_" and lines[1].startswith(mr.MARKER), rel
+        cfg = OmegaConf.create(text)
+        assert set(cfg.keys()) <= {"recipe", "train", "dataset"}, rel
+        assert set(cfg.train.keys()) <= set(base.train.keys()), rel
+        for k in ("lr", "weight_decay", "min_lr", "warmup_lr", "drop_path", "label_smoothing"):
+            assert isinstance(cfg.train[k], float), (rel, k)
+        assert rel.split("/", 1)[0] in METHODS, rel
+
+
+@pytest.mark.parametrize("method,ds,expect", [
+    # V-PETL shared table and the per-method exceptions (specs/vpetl_image.md sec. 7)
+    ("adapter", "cifar100", dict(lr=0.01, weight_decay=1.0, batch_size=64, label_smoothing=0.1, no_decay_1d=False)),
+    ("lora", "cifar100", dict(lr=0.005, weight_decay=0.005)),
+    ("bitfit", "caltech101", dict(lr=0.006, weight_decay=0.25)),
+    ("ln_tune", "cifar100", dict(lr=0.008, weight_decay=0.01)),
+    ("vpt_shallow", "smallnorb_ele", dict(lr=0.0011, weight_decay=0.0005, label_smoothing=0.0)),
+    ("adaptformer", "eurosat", dict(lr=0.06, weight_decay=0.001, warmup_lr=1e-6, min_lr=1e-5, drop_path=0.1)),
+    ("linear", "nabirds", dict(lr=2e-4, weight_decay=0.05, batch_size=128, label_smoothing=0.0)),
+    ("sct", "oxford_flowers102", dict(lr=0.085, weight_decay=0.07, batch_size=32)),
+    ("full", "cifar100", dict(lr=5e-4, weight_decay=0.1, warmup_lr=1e-4, min_lr=1e-6)),
+    # SPT, SNELL, ARC (specs/spt_snell_arc.md sec. 1.3, 2.2, 3.3)
+    ("spt_lora", "dmlab", dict(lr=1e-3, weight_decay=1e-4, no_decay_1d=True, batch_size=64, label_smoothing=0.0)),
+    ("snell", "patch_camelyon", dict(lr=7e-4, weight_decay=0.05, batch_size=16, epochs=100)),
+    ("snell", "cifar100", dict(lr=1e-3, weight_decay=0.01, batch_size=16, epochs=200)),
+    ("snell", "dogs", dict(lr=3e-4, weight_decay=5e-3, batch_size=32)),
+    ("arc", "kitti", dict(lr=1e-2, weight_decay=0.0, batch_size=32, clip_grad=1.0, warmup_lr=0.0, min_lr=1e-8)),
+    ("arc_att", "flowers", dict(lr=2.5e-3, weight_decay=0.01, min_lr=2.5e-9)),
+    # other official repos
+    ("ssf", "clevr_dist", dict(lr=5e-2, weight_decay=5e-2, drop_path=0.1, batch_size=64, min_lr=1e-8, warmup_lr=1e-7)),
+    ("ssf", "cub", dict(lr=1e-2, weight_decay=5e-2, label_smoothing=0.1)),
+    ("hst", "cars", dict(lr=5e-3, batch_size=128)),
+    ("gps", "dogs", dict(lr=1e-4, batch_size=64, weight_decay=0.0)),
+    ("dtl", "dsprites_loc", dict(lr=1e-2, drop_path=0.0, weight_decay=0.05, batch_size=32)),
+    ("hydra_adapter", "smallnorb_azi", dict(lr=5e-3, weight_decay=1e-5, batch_size=64)),
+    ("noah", "svhn", dict(lr=1e-3, weight_decay=1e-4, no_decay_1d=True)),
+    ("fact_tk", "svhn", dict(lr=1e-3, weight_decay=1e-4, no_decay_1d=False)),
+    ("vpt_deep", "sun397", dict(optimizer="sgd", lr=12.5, weight_decay=1e-4, batch_size=128, drop_path=0.0)),
+    ("vpt_deep", "cub", dict(optimizer="sgd", lr=0.1, weight_decay=0.01, batch_size=128)),
+    # explicit fallback
+    ("dora", "cifar100", dict(lr=0.005, weight_decay=0.005)),
+])
+def test_transcribed_values(method, ds, expect):
+    t = _train(method, ds)
+    assert {k: t[k] for k in expect} == expect
+
+
+def test_coverage_and_documented_gaps():
+    per_method = {}
+    for m, ds in RECIPES:
+        per_method.setdefault(m, set()).add(ds)
+    vtab, fgvc = set(mr.VTAB_TASKS), set(mr.FGVC_SETS)
+    for m in ("linear", "bitfit", "ln_tune", "vpt_shallow", "adapter", "adaptformer", "lora", "snell", "arc", "arc_att",
+              "ssf", "hst", "gps", "dora", "vera", "fourierft"):
+        assert per_method[m] == vtab | fgvc, m
+    for m in ("sct", "spt_lora", "spt_adapter", "dtl", "hydra_adapter", "noah", "fact_tt", "fact_tk", "convpass",
+              "repadapter"):
+        assert per_method[m] == vtab, m
+    assert per_method["full"] == {"cifar100", "caltech101"}           # dtd = sweep, the rest train the Adapter
+    assert per_method["vpt_deep"] == {"dmlab", "eurosat", "sun397"} | fgvc
+    assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last"}
+    assert METHODS == set(per_method) | set(mr.NO_RECIPE)
+    for ds in vtab | fgvc:
+        assert RECIPES["dora", ds]["source"].startswith("FALLBACK")
+        assert RECIPES["dora", ds]["train"] == RECIPES["lora", ds]["train"]
+    # train_aug: V-PETL's per-task value; SCT's own list; off for the NOAH/SPT/SNELL-style pipelines
+    aug = {t for t in vtab if RECIPES["adapter", t]["dataset"]["train_aug"]}
+    assert aug == {"dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon", "eurosat",
+                   "resisc45", "diabetic_retinopathy", "clevr_count", "dmlab", "kitti"}
+    sct = {t for t in vtab if RECIPES["sct", t]["dataset"]["train_aug"]}
+    assert sct == aug - {"oxford_flowers102", "sun397"} | {"clevr_dist"}
+    assert not any(RECIPES[m, t]["dataset"]["train_aug"] for m in ("spt_lora", "snell", "noah", "ssf") for t in vtab)
+
+
+def test_dataset_names_live_in_one_table():
+    assert mr.DATASET_CONFIG["cub"] == "fgvc/cub" and mr.DATASET_CONFIG["cifar100"] == "vtab/cifar100"
+    assert set(mr.recipe_files()) == {f"{m}/{mr.DATASET_CONFIG[d]}.yaml" for m, d in RECIPES}
+
+
+def test_bad_train_keys_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"missing \['clip_grad'\], unknown \['lrr'\]"):
+        mr._train(**{**{k: 0 for k in mr.TRAIN_KEYS if k != "clip_grad"}, "lrr": 1})
+
+
+def test_hydra_composes_a_generated_recipe_and_the_command_line_wins(tmp_path):
+    """Compose with a copy of conf/ (a stub vtab/cifar100 dataset is added if the datasets are not merged yet)."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    ds = conf / "dataset" / "vtab" / "cifar100.yaml"
+    if not ds.is_file():
+        ds.parent.mkdir(parents=True, exist_ok=True)
+        ds.write_text("name: vtab/cifar100\nbenchmark: vtab\nnum_classes: 100\ntrain_aug: true\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=adapter", "dataset=vtab/cifar100"])
+        assert cfg.recipe.source.startswith("synbol/Parameter-Efficient-Transfer-Learning-Benchmark@c188fad")
+        assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.label_smoothing) == (0.01, 1.0, 0.1)
+        assert cfg.dataset.train_aug is False and cfg.train.clip_grad is None and cfg.train.epochs == 100
+        cfg = compose(config_name="config", overrides=["method=adapter", "dataset=vtab/cifar100", "train.lr=0.5",
+                                                       "dataset.train_aug=true"])
+        assert cfg.train.lr == 0.5 and cfg.dataset.train_aug is True and cfg.train.weight_decay == 1.0
