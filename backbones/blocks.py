@@ -37,6 +37,9 @@ EXTENSION_KEYS = (
 def add_extension(block: nn.Module, key: str, module: nn.Module) -> nn.Module:
     if key not in EXTENSION_KEYS:
         raise KeyError(f"unknown block extension '{key}'; known: {', '.join(EXTENSION_KEYS)}")
+    allowed = getattr(block, "extension_keys", EXTENSION_KEYS)  # Swin/ConvNeXt blocks have fewer
+    if key not in allowed:
+        raise KeyError(f"block {type(block).__name__} has no extension point '{key}'; it has: {', '.join(allowed)}")
     if key not in block.petl:
         block.petl[key] = nn.ModuleList()
     block.petl[key].append(module)
