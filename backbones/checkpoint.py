@@ -37,6 +37,17 @@ class CheckpointError(ValueError):
     pass
 
 
+COMMON_KEYS = ("name", "family", "img_size", "mean", "std", "checkpoint")
+
+
+def check_keys(cfg, args: tuple[str, ...]) -> None:
+    """Fail on backbone config keys the family does not use (e.g. ViT's ``depth`` on a Swin)."""
+    unknown = [k for k in cfg if k not in COMMON_KEYS and k not in args]
+    if unknown:
+        raise ValueError(f"backbone '{cfg.get('name')}' (family {cfg.get('family')}) does not use key(s) "
+                         f"{', '.join(unknown)}; its keys: {', '.join(dict.fromkeys(COMMON_KEYS + tuple(args)))}")
+
+
 # -- file formats -----------------------------------------------------------------------------
 def detect_format(path: str | Path) -> str:
     """'npz', 'torch' or 'safetensors', from the file's content (names lie: MoCo ships ``.pth.tar``)."""

@@ -5,7 +5,8 @@ Official checkpoints are the FB ConvNeXt repo's IN-22k ``.pth`` files (``convnex
 ``downsample_layers.i`` → ``stages.i.downsample``, ``stages.i.j`` → ``stages.i.blocks.j``, ``dwconv`` →
 ``conv_dw``, ``pwconv1/2`` → ``mlp.fc1/2``, final ``norm`` → ``head.norm``, ``head`` → ``head.fc``), the same
 renaming SNELL does by hand. ``head.norm`` (the final LayerNorm after pooling) is backbone, loaded and
-frozen; only ``head.fc`` is the task head. The block MLP is channels-last ``Linear`` (``conv_mlp=False``,
+frozen; only ``head.fc`` is the task head. (SNELL's ConvNeXt trains ``head.norm`` too, 2,048 parameters on
+ConvNeXt-B, because its trainable-name filter matches "head"; here it counts as backbone.) The block MLP is channels-last ``Linear`` (``conv_mlp=False``,
 timm's default and the FB layout), which is what LoRA-like methods need.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, checkpoint_filter_fn
 
 from backbones.blocks import _apply_all
-from backbones.checkpoint import load_checkpoint
+from backbones.checkpoint import check_keys, load_checkpoint
 from bench.registry import BACKBONES
 
 CONVNEXT_ARGS = ("depths", "dims", "patch_size", "ls_init_value")
@@ -74,8 +75,12 @@ def adaptable_convnext_block(block: ConvNeXtBlock) -> AdaptableConvNeXtBlock:
 def build_convnext(cfg: Mapping[str, Any], num_classes: int, drop_path: float = 0.0,
                    device: str | torch.device = "cpu"):
     """Build a ConvNeXt from a backbone config; load ``cfg.checkpoint`` if set (not on the meta device)."""
+    check_keys(cfg, CONVNEXT_ARGS)
     kwargs = {k: (tuple(cfg[k]) if k in ("depths", "dims") else cfg[k])
               for k in CONVNEXT_ARGS if k in cfg and cfg[k] is not None}
+    if len(kwargs.get("depths", (3, 3, 9, 3))) != 4 or len(kwargs.get("dims", (96, 192, 384, 768))) != 4:
+        raise ValueError(f"backbone '{cfg.get('name')}': backbone.depths and backbone.dims need 4 entries, one per "
+                         f"ConvNeXt stage (got {list(kwargs.get('depths', []))} and {list(kwargs.get('dims', []))})")
     model = ConvNeXt(num_classes=num_classes, drop_path_rate=drop_path, conv_mlp=False, global_pool="avg",
                      device=device, **kwargs)
     for stage in model.stages:

@@ -16,7 +16,7 @@ from torch import nn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, checkpoint_filter_fn
 
 from backbones.blocks import _apply_all, run_branch
-from backbones.checkpoint import load_checkpoint
+from backbones.checkpoint import check_keys, load_checkpoint
 from bench.registry import BACKBONES
 
 SWIN_ARGS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias")
@@ -60,8 +60,12 @@ def adaptable_swin_block(block: SwinTransformerBlock) -> AdaptableSwinBlock:
 
 def build_swin(cfg: Mapping[str, Any], num_classes: int, drop_path: float = 0.0, device: str | torch.device = "cpu"):
     """Build a Swin from a backbone config; load ``cfg.checkpoint`` if set (not on the meta device)."""
+    check_keys(cfg, SWIN_ARGS)
     kwargs = {k: (tuple(cfg[k]) if k in ("depths", "num_heads") else cfg[k])
               for k in SWIN_ARGS if k in cfg and cfg[k] is not None}
+    if len(kwargs.get("depths", (2, 2, 6, 2))) != len(kwargs.get("num_heads", (3, 6, 12, 24))):
+        raise ValueError(f"backbone '{cfg.get('name')}': backbone.depths and backbone.num_heads need one entry per "
+                         f"stage (got {list(kwargs.get('depths', []))} and {list(kwargs.get('num_heads', []))})")
     model = SwinTransformer(num_classes=num_classes, drop_path_rate=drop_path, global_pool="avg", device=device,
                             **kwargs)
     for layer in model.layers:

@@ -1,6 +1,7 @@
 """Swin and ConvNeXt families: bit-identical to timm without extensions, the Sites view (per-block widths,
 missing sites named with method and family), extension points, and the foundation methods on tiny
 Swin/ConvNeXt (exact counts, frozen tensors bit-identical after a step, gradients, identity, merge)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,13 @@ CONVNEXT_B = {"adapter": 307_104, "bitfit": 130_304, "linear": 0}
 def test_full_size_counts(backbone, method, count):
     rep = vit_b16_params(method, f"backbone={backbone}")
     assert rep["trainable_params"] == count and rep["backbone"] == backbone
+
+
+def test_bad_family_configs_fail_in_one_line():
+    cases = [("swin", {"depth": 2}, "does not use key(s) depth"),
+             ("swin", {"depths": [1, 1, 1]}, "backbone.depths and backbone.num_heads need one entry per stage"),
+             ("convnext", {"dims": [8, 16]}, "need 4 entries, one per ConvNeXt stage")]
+    for family, over, text in cases:
+        with pytest.raises(ValueError, match=re.escape(text)) as e:
+            ours(family, **over)
+        assert "\n" not in str(e.value)
