@@ -108,26 +108,26 @@ def read_npz_vit(path: str | Path) -> StateDict:
     from timm.models.vision_transformer import VisionTransformer, _load_weights
 
     path = _existing(path)
-    with np.load(path, allow_pickle=False) as w:
-        shapes = {k: w[k].shape for k in w.files}
-    pre = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in shapes), None)
-    if pre is None:
-        raise CheckpointError(f"checkpoint {path}: .npz without 'embedding/kernel'; not a Google ViT checkpoint")
-    try:
-        ph, pw, _, dim = shapes[f"{pre}embedding/kernel"]
-        blocks = {int(m.group(1)) for k in shapes if (m := re.match(rf"{re.escape(pre)}Transformer/encoderblock_(\d+)/", k))}
+    with np.load(path, allow_pickle=False) as w:  # lazy: only the arrays named below are read here
+        files = set(w.files)
+        pre = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in files), None)
+        if pre is None:
+            raise CheckpointError(f"checkpoint {path}: .npz without 'embedding/kernel'; not a Google ViT checkpoint")
         b0 = f"{pre}Transformer/encoderblock_0/"
-        _, heads, _ = shapes[f"{b0}MultiHeadDotProductAttention_1/query/kernel"]
-        hidden = shapes[f"{b0}MlpBlock_3/Dense_0/kernel"][1]
-        tokens = shapes[f"{pre}Transformer/posembed_input/pos_embedding"][1]
-    except KeyError as e:
-        raise CheckpointError(f"checkpoint {path}: .npz lacks {e}; expected the original Google ViT layout "
-                              f"(Transformer/encoderblock_i/...)") from None
-    cls = f"{pre}cls" in shapes
+        try:
+            ph, pw, _, dim = w[f"{pre}embedding/kernel"].shape
+            _, heads, _ = w[f"{b0}MultiHeadDotProductAttention_1/query/kernel"].shape
+            hidden = w[f"{b0}MlpBlock_3/Dense_0/kernel"].shape[1]
+            tokens = w[f"{pre}Transformer/posembed_input/pos_embedding"].shape[1]
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: .npz lacks {e}; expected the original Google ViT layout "
+                                  f"(Transformer/encoderblock_i/...)") from None
+    blocks = {int(m.group(1)) for k in files if (m := re.match(rf"{re.escape(pre)}Transformer/encoderblock_(\d+)/", k))}
+    cls = f"{pre}cls" in files
     grid = int(round(math.sqrt(tokens - int(cls))))
     twin = VisionTransformer(
         img_size=grid * ph, patch_size=ph, embed_dim=dim, depth=len(blocks), num_heads=heads,
-        mlp_ratio=hidden / dim, qkv_bias=f"{b0}MultiHeadDotProductAttention_1/query/bias" in shapes,
+        mlp_ratio=hidden / dim, qkv_bias=f"{b0}MultiHeadDotProductAttention_1/query/bias" in files,
         class_token=cls, global_pool="token" if cls else "avg", num_classes=0, device="meta",
     )
     twin = twin.to_empty(device="cpu")

@@ -162,6 +162,13 @@ def test_mae_pth_loads_exactly(tmp_path):
     path = tmp_path / "mae_pretrain_vit_base.pth"
     mae_pth(src.state_dict(), path)
     assert_loaded(src, make("vit_b16_mae", *VIT_SMALL, checkpoint=path, seed=2))
+    # the same file in torch's legacy (pre-1.6, non-zip) pickle format, with the MAE decoder kept
+    legacy = tmp_path / "mae_visualize_vit_base.pth"
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    sd.update({"mask_token": torch.zeros(1, 1, 512), "decoder_embed.weight": torch.zeros(512, 768)})
+    torch.save({"model": sd}, legacy, _use_new_zipfile_serialization=False)
+    assert detect_format(legacy) == "torch" and not __import__("zipfile").is_zipfile(legacy)
+    assert_loaded(src, make("vit_b16_mae", *VIT_SMALL, checkpoint=legacy, seed=2))
 
 
 @pytest.mark.parametrize("writer", [mocov3_linear, mocov3_pretrain])
@@ -239,6 +246,14 @@ def test_wrong_backbone_fails_with_keys_and_shapes(tmp_path):
     assert "JAX .npz" in msg and "swin_micro" in msg
     msg = one_line_error(lambda: make("vit_micro", checkpoint=tmp_path / "nope.pth"))
     assert "not found" in msg and "backbone.checkpoint=PATH" in msg
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3, dtype=np.float32))
+    assert "not a Google ViT checkpoint" in one_line_error(lambda: make("vit_micro", checkpoint=other))
+    broken = tmp_path / "broken.npz"  # a Google npz with one array cut out
+    with np.load(path) as w:
+        np.savez(broken, **{k: w[k] for k in w.files if k != "Transformer/encoderblock_0/LayerNorm_2/scale"})
+    msg = one_line_error(lambda: make("vit_l16", *VIT_SMALL, checkpoint=broken))
+    assert "timm's npz loader" in msg and "LayerNorm_2/scale" in msg
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
     assert "cannot read checkpoint" in one_line_error(lambda: make("vit_micro", checkpoint=junk))
