@@ -12,6 +12,11 @@ bit-identical and the state-dict keys are the same. Extensions live in ``block.p
 * ``mid``           x -> x on the residual stream between the attention and the MLP branch
 * ``mlp_before`` / ``mlp_after`` / ``mlp_parallel``  the same for the MLP branch (norm2)
 * ``out``           x -> x after the block
+
+Swin blocks (``backbones.swin.AdaptableSwinBlock``) have every point but ``tokens`` and hand extensions
+(B, H·W, C) sequences; ConvNeXt blocks (``backbones.convnext.AdaptableConvNeXtBlock``) have only
+``mlp_before``/``mlp_after``/``mlp_parallel``/``out`` on channels-last maps. A block's ``extension_keys``
+lists its points.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ EXTENSION_KEYS = (
 def add_extension(block: nn.Module, key: str, module: nn.Module) -> nn.Module:
     if key not in EXTENSION_KEYS:
         raise KeyError(f"unknown block extension '{key}'; known: {', '.join(EXTENSION_KEYS)}")
+    allowed = getattr(block, "extension_keys", EXTENSION_KEYS)  # Swin/ConvNeXt blocks have fewer
+    if key not in allowed:
+        raise KeyError(f"block {type(block).__name__} has no extension point '{key}'; it has: {', '.join(allowed)}")
     if key not in block.petl:
         block.petl[key] = nn.ModuleList()
     block.petl[key].append(module)

@@ -4,6 +4,11 @@ Per block: z = mlp(norm2(x)); z ← z + up(GELU(down(z))); x ← x + drop_path(z
 biases: 13,064 per block, 156,768 on ViT-B/16. The up-projection is zero-initialised (the declared
 init of the anchor, which its timm re-init overwrites; see the specs), so the model equals the frozen
 one at step 0 while the down-projection keeps a non-zero init and both receive gradients.
+
+Families: ViT, Swin (the same place in every block; the bottleneck input is the block's own width) and
+ConvNeXt. ConvNeXt has no official Adapter code (SNELL's paper reports "SPT-Adapter" on ConvNeXt-B, SPT's
+ConvNeXt code was never released), so we put it at the equivalent place: on the block MLP's output (fc2),
+before the layer scale γ and drop-path, i.e. z ← z + up(GELU(down(z))); x ← x + drop_path(γ·z).
 """
 from methods.base import Method, register
 from methods.blocks import Bottleneck, SequentialAdapter
@@ -11,7 +16,7 @@ from methods.blocks import Bottleneck, SequentialAdapter
 
 @register("adapter")
 class Adapter(Method):
-    families = ("vit",)
+    families = ("vit", "swin", "convnext")
     identity_at_init = True
 
     def inject(self, model, sites):

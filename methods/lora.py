@@ -5,6 +5,10 @@ the frozen one at step 0); rank 8, α = r (scale 1, as V-PETL Bench's unscaled L
 v: 4·768·8·12 = 294,912 parameters. V-PETL Bench's code re-initialises A and B with trunc-normal
 (its declared init is dead code, see the specs); we keep the paper's init. ``merge`` folds ΔW into
 ``qkv.weight``.
+
+Families: ViT and Swin (Swin's fused window-attention qkv is split the same way: q and v slices of each
+block's own width; Swin-B: 4·8·(2·128 + 2·256 + 18·512 + 2·1024) = 385,024). Not defined on ConvNeXt,
+which has no attention (SPT-LoRA's ConvNeXt variant targets the MLP linears, a different method).
 """
 from methods.base import Method, register
 from methods.blocks import DeltaLinear, LowRank, qkv_slices
@@ -12,7 +16,7 @@ from methods.blocks import DeltaLinear, LowRank, qkv_slices
 
 @register("lora")
 class LoRA(Method):
-    families = ("vit",)
+    families = ("vit", "swin")
     mergeable = True
     identity_at_init = True
 
