@@ -53,16 +53,28 @@ def fmt_cell(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f} ± {std:.1f} (n={n})"
 
 
-def dataset_order(benchmark: str, names: list[str]) -> list[str]:
-    """Canonical column order where the benchmark defines one, else alphabetical."""
+def benchmark_definition(benchmark: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(canonical dataset order, groups) where the benchmark defines them, else empty."""
     try:
         import datasets
 
-        order = list(getattr(datasets, "benchmark_order", lambda b: [])(benchmark))
-    except Exception:  # noqa: BLE001  (ordering is cosmetic)
-        order = []
+        return list(datasets.benchmark_order(benchmark)), dict(datasets.benchmark_groups(benchmark))
+    except Exception:  # noqa: BLE001  (ordering is cosmetic; records alone still render)
+        return [], {}
+
+
+def dataset_order(benchmark: str, names: list[str]) -> list[str]:
+    """Canonical column order where the benchmark defines one, else alphabetical."""
+    order, _ = benchmark_definition(benchmark)
     known = [n for n in order if n in names]
     return known + sorted(n for n in names if n not in known)
+
+
+def mean_cell(values: list[float], expected: int) -> str:
+    """Mean of the values present; '*' when fewer than the benchmark defines."""
+    if not values:
+        return ""
+    return f"{sum(values) / len(values):.1f}" + ("" if len(values) >= expected else "*")
 
 
 def load_reference(benchmark: str, backbone: str) -> pd.DataFrame:
@@ -98,10 +110,12 @@ def val_selected_rows(sub: pd.DataFrame) -> pd.DataFrame:
 def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[str]]:
     """Markdown table for one (benchmark, backbone, protocol) and footnotes."""
     datasets = dataset_order(benchmark, sorted(sub["dataset"].unique()))
-    groups = {}
-    for ds, grp in sub.drop_duplicates("dataset")[["dataset", "group"]].itertuples(index=False):
-        if isinstance(grp, str) and grp:
-            groups.setdefault(grp, []).append(ds)
+    full_order, groups = benchmark_definition(benchmark)
+    if not groups:  # groups named by the records' dataset configs
+        for ds, grp in sub.drop_duplicates("dataset")[["dataset", "group"]].itertuples(index=False):
+            if isinstance(grp, str) and grp:
+                groups.setdefault(grp, []).append(ds)
+    expected = max(len(full_order), len(datasets))
     notes = []
     extra = val_selected_rows(sub) if sub["select"].iloc[0] == "best_val" else pd.DataFrame()
     both = pd.concat([sub, extra], ignore_index=True) if not extra.empty else sub
@@ -115,12 +129,10 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
         for ds in datasets:
             row[ds] = fmt_cell(g.loc[ds, "mean"], g.loc[ds, "std"], int(g.loc[ds, "n"])) if ds in g.index else ""
         for grp, members in sorted(groups.items()):
-            have = [g.loc[d, "mean"] for d in members if d in g.index]
-            row[f"{grp} mean"] = f"{sum(have) / len(have):.1f}" if len(have) == len(members) else ""
-        complete = all(ds in g.index for ds in datasets)
+            row[f"{grp} mean"] = mean_cell([g.loc[d, "mean"] for d in members if d in g.index], len(members))
         mean = float(g["mean"].mean())
         params = float(g["params"].mean())
-        row["mean"] = f"{mean:.1f}" + ("" if complete else "*")
+        row["mean"] = mean_cell(list(g["mean"]), expected)
         row["params (M)"] = f"{params / 1e6:.3f}"
         row["PPT"] = "-" if method == "full" else f"{ppt(mean / 100.0, params):.2f}"
         rows.append((params, label, row))
@@ -130,7 +142,7 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
             notes.append(f"{label}: {picks}")
     ref = load_reference(benchmark, backbone)
     for method, g in ref.groupby("method") if not ref.empty else []:
-        g = g.set_index("dataset")
+        g = g.drop_duplicates("dataset").set_index("dataset")
         row = {"method": f"{method} (published)"}
         for ds in datasets:
             if ds in g.index:
@@ -139,9 +151,10 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
                 row[ds] = f"{val:.1f}" + (f" (Δ {ours - val:+.1f})" if ours is not None else "")
             else:
                 row[ds] = ""
-        for grp in sorted(groups):
-            row[f"{grp} mean"] = ""
-        row["mean"] = ""
+        for grp in sorted(groups):  # published group means (e.g. SPT/SNELL report only those)
+            key = f"mean_{grp}"
+            row[f"{grp} mean"] = f"{float(g.loc[key, 'top1']):.1f}" if key in g.index else ""
+        row["mean"] = f"{float(g.loc['mean', 'top1']):.1f}" if "mean" in g.index else ""
         p = g["params"].dropna() if "params" in g.columns else pd.Series(dtype=float)
         row["params (M)"] = f"{float(p.iloc[0]):.3f}" if len(p) else ""
         row["PPT"] = ""
@@ -152,7 +165,8 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
     rows.sort(key=lambda t: (t[0], t[1]))
     body = [r for _, _, r in rows]
     headers = list(body[0].keys()) if body else []
-    return tabulate([[r.get(h, "") for h in headers] for r in body], headers=headers, tablefmt="github"), notes
+    return tabulate([[r.get(h, "") for h in headers] for r in body], headers=headers, tablefmt="github",
+                    disable_numparse=True), notes
 
 
 def render(df: pd.DataFrame, benchmark: str) -> str:
@@ -160,7 +174,8 @@ def render(df: pd.DataFrame, benchmark: str) -> str:
     lines = [f"# Leaderboard: {benchmark}", "",
              "Generated by `python -m bench.leaderboard` from the records under `runs/`; do not edit by hand.",
              "Cells: top-1 % mean ± std over seeds (n = seeds). params: trainable parameters excluding the head, "
-             "mean over datasets. PPT = mean·exp(−log10(params/1e7 + 1)). * = mean over the datasets present.", ""]
+             "mean over datasets. mean: arithmetic mean over datasets; group means likewise. "
+             "PPT = mean·exp(−log10(params/1e7 + 1)). * = mean over fewer datasets than the benchmark defines.", ""]
     for (backbone, select), sub in sorted(sub_all.groupby(["backbone", "select"])):
         splits = sub[["train_split", "eval_split"]].drop_duplicates()
         split_txt = "; ".join(f"train on {a} → evaluate on {b}" for a, b in splits.itertuples(index=False))

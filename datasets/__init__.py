@@ -6,7 +6,28 @@ from datasets import synthetic  # noqa: F401  (registers the procedural tasks)
 from datasets import fgvc, vtab  # noqa: F401  (register vtab/<task> and fgvc/<name>)
 from datasets.base import DataError, ImageTensorDataset, Task, make_loader
 
-__all__ = ["build", "Task", "DataError", "ImageTensorDataset", "make_loader"]
+__all__ = ["build", "benchmark_order", "benchmark_groups", "Task", "DataError", "ImageTensorDataset", "make_loader"]
+
+
+def benchmark_order(benchmark: str) -> list[str]:
+    """Canonical dataset order of a benchmark (the leaderboard's column order)."""
+    if benchmark == "vtab":
+        return list(vtab.VTAB_TASKS)
+    if benchmark == "fgvc":
+        return list(fgvc.FGVC_DATASETS)
+    if benchmark == "embedded":
+        return ["dsprites_loc", "dsprites_ori", "clevr_count", "textures"]
+    return []
+
+
+def benchmark_groups(benchmark: str) -> dict[str, list[str]]:
+    """Dataset groups of a benchmark (VTAB: natural / specialized / structured)."""
+    if benchmark == "vtab":
+        groups: dict[str, list[str]] = {}
+        for task, (_, group, _) in vtab.VTAB_TASKS.items():
+            groups.setdefault(group, []).append(task)
+        return groups
+    return {}
 
 
 def build(cfg, image_size: int, mean, std) -> Task:

@@ -85,3 +85,22 @@ def test_leaderboard_cli(tmp_path, capsys):
     assert leaderboard_main([f"results.dir={tmp_path}"]) == 0
     assert (tmp_path / "embedded" / "leaderboard.md").is_file()
     assert len(load_records(tmp_path)) == 1
+
+
+def test_vtab_leaderboard_group_means_and_published_rows(tmp_path):
+    rows = {"cifar100": ("natural", 70.0), "eurosat": ("specialized", 95.0), "dmlab": ("structured", 50.0)}
+    for ds, (group, acc) in rows.items():
+        rec = fake_record("adapter", dataset=f"vtab/{ds}", top1=acc, params=156_768)
+        rec.update(benchmark="vtab", backbone="vit_b16")
+        rec["config"]["dataset"]["group"] = group
+        write_record(tmp_path, rec)
+    text = regenerate(tmp_path)[0].read_text()
+    header = next(l for l in text.splitlines() if l.startswith("| method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[1:4] == ["cifar100", "eurosat", "dmlab"]  # VTAB's canonical order
+    assert {"natural mean", "specialized mean", "structured mean", "mean", "params (M)", "PPT"} <= set(cols)
+    ours = next(l for l in text.splitlines() if l.startswith("| adapter "))
+    assert "70.0 (n=1)" in ours and "71.7*" in ours  # * = not all 19 tasks present
+    published = next(l for l in text.splitlines() if l.startswith("| adapter (published)"))
+    assert "69.2 (Δ +0.8)" in published and "71.4" in published  # V-PETL README: cifar100 69.2, mean 71.44
+    assert "V-PETL Bench README" in text
