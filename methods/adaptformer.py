@@ -17,7 +17,7 @@ from methods.blocks.adapter import Bottleneck, ParallelAdapter
 
 @register("adaptformer")
 class AdaptFormer(Method):
-    families = ("vit",)
+    families = ("vit", "swin")  # the authors' code also adapts Swin (video); ConvNeXt has no MLP branch of this form
     identity_at_init = True
 
     def inject(self, model, sites):
