@@ -34,6 +34,13 @@ def method_variant(overrides: list[str]) -> str:
     return ",".join(keys)
 
 
+def effective_drop_path(model) -> float:
+    """The largest stochastic-depth rate left in the model (a method may switch it off, e.g. VPT-Deep)."""
+    from timm.layers import DropPath
+
+    return round(max((float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)), default=0.0), 6)
+
+
 def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
     """Backbone + method applied; returns (model, method)."""
     import backbones
@@ -132,7 +139,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "schedule": {k: resolved["train"].get(k) for k in ("epochs", "warmup_epochs", "warmup_lr", "min_lr")},
             "batch_size": int(cfg.train.batch_size),
             "label_smoothing": float(cfg.train.label_smoothing),
-            "drop_path": float(cfg.train.drop_path),
+            "drop_path": effective_drop_path(model),
         },
         "perf": {"peak_mem_mb": out["peak_mem_mb"], "peak_mem_kind": out["peak_mem_kind"],
                  "train_images_per_s": out["train_images_per_s"], "train_s": out["train_s"],

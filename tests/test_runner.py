@@ -44,6 +44,7 @@ def test_train_job_writes_complete_record(tmp_path, select, train_split):
     assert saved["perf"]["train_images_per_s"] > 0 and saved["perf"]["peak_mem_mb"] > 0
     assert saved["env"]["versions"]["torch"].startswith("2.") and "commit" in saved["env"]["git"]
     assert saved["config"]["method"]["name"] == "lora" and len(saved["history"]) == 2
+    assert p["drop_path"] == 0.1 and p["label_smoothing"] == 0.0
     if select == "best_val":
         assert saved["history"][0].get("val_top1") is not None and p["select_score"] is not None
 
@@ -86,3 +87,12 @@ def test_bad_checkpoint_is_one_line(tmp_path):
     out = bench_cli(f"backbone.checkpoint={bad}", *TINY, f"results.dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot read checkpoint")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_record_states_the_effective_drop_path():
+    from bench.run import build_model, effective_drop_path
+
+    model, _ = build_model(compose_cfg(["method=vpt_deep", "train.drop_path=0.2"]))
+    assert effective_drop_path(model) == 0.0  # VPT-Deep switches stochastic depth off, as its official code
+    model, _ = build_model(compose_cfg(["train.drop_path=0.2"]))
+    assert abs(effective_drop_path(model) - 0.2) < 1e-6
