@@ -12,8 +12,8 @@ Deviations: the official ``set_hydraWeight`` folds the attention branches using 
 instead of proj's (a copy-paste bug that makes its merged attention wrong); we fold into proj
 correctly. Named ``hydra_adapter`` so it does not clash with the Hydra config framework's key.
 Official per-dataset scale and dropout ship in ``methods/data/per_dataset_vtab.yaml``
-(``per_dataset=true``); the default here is scale 1, dropout 0.1 (Hydra's ``Hydra_layer`` defaults are
-scale 1 and dropout 0; its per-dataset configs use 0, 0.1 or 0.2).
+(``per_dataset=true``); the defaults here are ``Hydra_layer``'s own, scale 1 and dropout 0 (its
+per-dataset configs use scale 0.1–4.5 and dropout 0, 0.1 or 0.2).
 """
 from methods.base import Method, register
 from methods.blocks.affine_branches import AffineBottleneck, BranchedLinear
@@ -29,7 +29,7 @@ class HydraAdapter(Method):
     def inject(self, model, sites):
         cfg = resolved_cfg(self)
         rank = int(cfg.get("rank", 2))
-        scale, dropout = float(cfg.get("scale", 1.0)), float(cfg.get("dropout", 0.1))
+        scale, dropout = float(cfg.get("scale", 1.0)), float(cfg.get("dropout", 0.0))
         for b in sites:
             for site in ("proj", "fc2"):
                 lin = b.linear(site)

@@ -28,7 +28,10 @@ class _Passthrough(ScaleShiftAfter):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["base"], name)
+            modules = self.__dict__.get("_modules")
+            if name.startswith("__") or not modules or "base" not in modules:
+                raise
+            return getattr(modules["base"], name)
 
 
 class ChannelFirstScaleShiftAfter(_Passthrough):
