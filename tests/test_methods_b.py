@@ -250,3 +250,24 @@ def test_end_to_end_ssf_through_the_runner(tmp_path):
     assert rec["trainable_params"] == 2 * (32 + 2 * (96 + 32 + 128 + 32 + 64) + 32)
     assert rec["method"] == "ssf" and 0.0 <= rec["top1"] <= 100.0 and rec["perf"]["steps"] >= 1
     assert (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name,dataset,attr,expected", [
+    ("convpass", "vtab/dsprites_loc", lambda m: (m.blocks[0].petl["attn_parallel"][0].scale,
+                                                 bool(m.blocks[0].petl["attn_parallel"][0].conv.weight[0, 0, 0, 0] != 0)),
+     (100.0, True)),
+    ("repadapter", "vtab/svhn", lambda m: m.blocks[0].attn.qkv.f.scale, 10.0),
+    ("hydra_adapter", "vtab/cifar100", lambda m: (m.blocks[0].attn.proj.par.scale,
+                                                  m.blocks[0].attn.proj.par.drop.p), (0.1, 0.2)),
+    ("fact_tt", "vtab/clevr_dist", lambda m: (m.petl_fact.rank, m.blocks[0].attn.qkv.deltas["fact"].scale), (4, 10.0)),
+])
+def test_per_dataset_official_values_reach_the_modules(name, dataset, attr, expected):
+    import methods
+    from helpers import method_cfg
+
+    torch.manual_seed(0)
+    model = backbones.build(OmegaConf.create(TINY_VIT), num_classes=10)
+    m = methods.build(method_cfg(name, per_dataset=True))
+    m.context = {"dataset": dataset}
+    m.apply(model)
+    assert attr(model) == expected

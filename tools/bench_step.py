@@ -232,7 +232,8 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
         f"- backbone `{a.backbone}`, batch {a.batch}, {first.get('img_size', '?')} px, device `{first.get('device', a.device)}`, "
         f"{first.get('dtype', '?')}, {first.get('threads', '?')} CPU threads",
         f"- {a.steps} timed steps after {a.warmup} warm-up steps; forward + backward + optimizer step (AdamW), "
-        "median ms/step; each method in a fresh process" + (" (in-process run)" if a.in_process else ""),
+        "median ms/step; " + ("all methods in one process (--in-process: memory not isolated between methods)"
+                              if a.in_process else "each method in a fresh process"),
         "- memory: " + "; ".join(mem_text.get(k, k) for k in mem_kinds),
         f"- written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
         + (f"; overrides: {' '.join(a.set)}" if a.set else ""),
