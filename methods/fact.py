@@ -19,8 +19,9 @@ everything learns after the first step. ``merge`` adds the (eval-mode) ΔW to ea
 Deviations: the shared factors live in ``model.petl_fact`` (deleted by ``merge``); the per-linear
 deltas reference them. ViT-B/16's MLP ratio 4 is generalised to ``m = hidden / dim`` chunks (the tiny
 test ViT has m = 2), so P has (4 + 2m) columns per block. Official per-dataset rank/scale ship in
-``methods/data/per_dataset_vtab.yaml`` (``per_dataset=true``). Defined on Swin by its authors too;
-``families=("vit",)`` for now.
+``methods/data/per_dataset_vtab.yaml`` (``per_dataset=true``). Also defined on Swin: there each stage
+(block width) gets its own pair of shared factors (``model.petl_fact[<width>]``), since U and V are sized
+by the width; ViT has one pair.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class FacTDelta(nn.Module):
 
 
 class _FacT(Method):
-    families = ("vit",)
+    families = ("vit", "swin")
     mergeable = True
     identity_at_init = True
     kind = "?"
@@ -132,27 +133,29 @@ class _FacT(Method):
         scale, dropout = float(cfg.get("scale", 1.0)), float(cfg.get("dropout", 0.1))
         if rank < 1:
             raise ValueError(f"method.rank must be >= 1 for {self.name} (got {rank})")
-        dim = sites.embed_dim
-        first = sites.blocks[0]
-        dev = first.linear("qkv").weight.device
-        hidden = first.linear("fc1").out_features
-        if hidden % dim:
-            raise ValueError(f"{self.name} needs the MLP hidden size ({hidden}) to be a multiple of the width ({dim})")
-        m = hidden // dim
-        per_block = 4 + 2 * m
-        shared = FacTShared(dim, rank, self.kind, per_block * len(sites), device=dev)
-        model.petl_fact = shared
+        # one pair of shared factors per block width: a single pair on ViT, one per stage on Swin
+        groups: dict[int, list] = {}
         for b in sites:
-            i0 = b.index * per_block
-            mk = lambda site, idx: FacTDelta(shared, site, dim, m, scale, dropout, idx, device=dev)  # noqa: E731
-            qkv = b.linear("qkv")
-            b.set_linear("qkv", DeltaLinear(qkv, {"fact": mk("qkv", i0)}, {"fact": slice(0, qkv.out_features)}))
-            proj = b.linear("proj")
-            b.set_linear("proj", DeltaLinear(proj, {"fact": mk("proj", i0)}, {"fact": slice(0, proj.out_features)}))
-            fc1 = b.linear("fc1")
-            b.set_linear("fc1", DeltaLinear(fc1, {"fact": mk("fc1", i0 + 4)}, {"fact": slice(0, fc1.out_features)}))
-            fc2 = b.linear("fc2")
-            b.set_linear("fc2", DeltaLinear(fc2, {"fact": mk("fc2", i0 + 4)}, {"fact": slice(0, fc2.out_features)}))
+            groups.setdefault(b.dim, []).append(b)
+        model.petl_fact = nn.ModuleDict()
+        for dim, blocks in groups.items():
+            dev = blocks[0].linear("qkv").weight.device
+            hidden = blocks[0].linear("fc1").out_features
+            if hidden % dim:
+                raise ValueError(f"{self.name} needs the MLP hidden size ({hidden}) to be a multiple of the width ({dim})")
+            m = hidden // dim
+            per_block = 4 + 2 * m
+            shared = FacTShared(dim, rank, self.kind, per_block * len(blocks), device=dev)
+            model.petl_fact[str(dim)] = shared
+            for k, b in enumerate(blocks):
+                i0 = k * per_block
+
+                def mk(site, idx, shared=shared, dim=dim, m=m, dev=dev):
+                    return FacTDelta(shared, site, dim, m, scale, dropout, idx, device=dev)
+
+                for site, idx in (("qkv", i0), ("proj", i0), ("fc1", i0 + 4), ("fc2", i0 + 4)):
+                    lin = b.linear(site)
+                    b.set_linear(site, DeltaLinear(lin, {"fact": mk(site, idx)}, {"fact": slice(0, lin.out_features)}))
 
     def merge(self, model):
         super().merge(model)

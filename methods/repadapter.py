@@ -12,7 +12,7 @@ Deviations: the adapter wraps the input of qkv and fc1 (``InputAdapterLinear``),
 function as placing it between the norm and the attention/MLP in timm's ViT. The official forward uses
 ``drop_path1`` for both residual branches; timm's two drop-paths have the same rate, so nothing
 changes. Official per-dataset scales ship in ``methods/data/per_dataset_vtab.yaml``
-(``per_dataset=true``). Defined by its authors on Swin and ConvNeXt too; ``families=("vit",)`` for now.
+(``per_dataset=true``). Enabled on Swin (adapters on the inputs of qkv and fc1); ConvNeXt (no attention) not enabled.
 """
 from methods.base import Method, register
 from methods.blocks.affine_branches import AffineBottleneck, InputAdapterLinear
@@ -21,7 +21,7 @@ from methods.blocks.dataset_params import resolved_cfg
 
 @register("repadapter")
 class RepAdapter(Method):
-    families = ("vit",)
+    families = ("vit", "swin")
     mergeable = True
     identity_at_init = True
 

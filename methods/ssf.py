@@ -10,8 +10,9 @@ not exact identity). ``merge`` folds every γ, β into the preceding Linear / La
 
 Deviations: none in the placement or counts. The scale-shifts sit in wrappers around the modules they
 follow (so the merged model has timm's plain state-dict keys) rather than in the official edited
-forward functions. Defined by its authors on Swin and ConvNeXt too; here ``families=("vit",)`` until
-those backbones expose the same sites.
+forward functions. Enabled on Swin (same sites: patch-embed conv, qkv, proj,
+fc1, fc2, norm1, norm2, final norm; Swin's patch-merging layers are left frozen). The authors also adapt
+ConvNeXt, whose blocks have no qkv/proj sites here: not enabled.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class ChannelFirstScaleShiftAfter(_Passthrough):
 
 @register("ssf")
 class SSF(Method):
-    families = ("vit",)
+    families = ("vit", "swin")
     mergeable = True
     identity_at_init = False  # default init is the official N(1, .02)/N(0, .02); init=identity is exact
 

@@ -109,7 +109,7 @@ def test_ssf_merge_restores_plain_modules():
 @pytest.mark.parametrize("name", ["fact_tt", "fact_tk"])
 def test_fact_delta_weight_matches_forward(name):
     model, m = build(name, rank=4, scale=0.7)
-    shared = model.petl_fact
+    [shared] = model.petl_fact.values()  # one width on ViT: one shared pair
     assert torch.count_nonzero(shared.V) == 0 and torch.count_nonzero(shared.U) > 0
     with torch.no_grad():
         shared.V.normal_()
@@ -259,7 +259,7 @@ def test_end_to_end_ssf_through_the_runner(tmp_path):
     ("repadapter", "vtab/svhn", lambda m: m.blocks[0].attn.qkv.f.scale, 10.0),
     ("hydra_adapter", "vtab/cifar100", lambda m: (m.blocks[0].attn.proj.par.scale,
                                                   m.blocks[0].attn.proj.par.drop.p), (0.1, 0.2)),
-    ("fact_tt", "vtab/clevr_dist", lambda m: (m.petl_fact.rank, m.blocks[0].attn.qkv.deltas["fact"].scale), (4, 10.0)),
+    ("fact_tt", "vtab/clevr_dist", lambda m: (next(iter(m.petl_fact.values())).rank, m.blocks[0].attn.qkv.deltas["fact"].scale), (4, 10.0)),
 ])
 def test_per_dataset_official_values_reach_the_modules(name, dataset, attr, expected):
     import methods
