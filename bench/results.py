@@ -20,13 +20,14 @@ def record_path(results_dir: str | Path, rec: dict) -> Path:
     return Path(results_dir) / "runs" / safe(rec["benchmark"]) / safe(rec["dataset"].split("/")[-1]) / safe(method) / name
 
 
-def write_json_atomic(path: Path, obj: Any) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync, then rename: readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,18 +38,8 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_record(results_dir: str | Path, rec: dict) -> Path:
