@@ -13,7 +13,8 @@ Sparsification (official code form, ``form='code'``): with s = ``sparsity`` and 
 ``kthvalue``: for distinct magnitudes, "> quantile(s)" keeps exactly the entries above the
 (⌊s·(mn−1)⌋+1)-th smallest one, whatever the interpolation weight, so the kept set is identical to the
 official one and needs no sort of the whole matrix (``torch.quantile`` also refuses inputs over 2²⁴
-entries). ``form='paper'`` uses the paper's eq. 5, ΔW ⊙ stopgrad(max(|ΔW| − τ, 0)). s = 0 is plain
+entries). ``form='paper'`` uses the paper's eq. 5, ΔW ⊙ stopgrad(max(|ΔW| − τ, 0)) with τ the ⌈s·mn⌉-th smallest
+magnitude (the paper's definition; the stop-gradient on the factor is kept as in the code form). s = 0 is plain
 kernelised LoRA (the official ``KLoRA`` class: ΔW used as is, no magnitude factor).
 
 Memory: ``KernelDeltaFn`` is a custom autograd function that saves only the branch input x and the
@@ -42,10 +43,18 @@ def kernel_delta(A: torch.Tensor, B: torch.Tensor, alphas=ALPHAS) -> torch.Tenso
     return w
 
 
-def sparsify_threshold(mag: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The magnitude τ such that entries > τ are exactly those the official quantile rule keeps."""
+def sparsify_threshold(mag: torch.Tensor, sparsity: float, form: str = "code") -> torch.Tensor:
+    """τ as an order statistic of |ΔW|.
+
+    code: entries > τ are exactly those the official ``> torch.quantile(|ΔW|, s)`` rule keeps (the
+    (⌊s·(mn−1)⌋+1)-th smallest magnitude); paper: Δw_s = the ⌈s·mn⌉-th smallest magnitude (eq. 5).
+    """
     flat = mag.reshape(-1)
-    k = int(math.floor(sparsity * (flat.numel() - 1))) + 1  # 1-based rank of the lower order statistic
+    n = flat.numel()
+    if form == "code":
+        k = int(math.floor(sparsity * (n - 1))) + 1
+    else:
+        k = min(n, max(1, int(math.ceil(sparsity * n))))
     return flat.kthvalue(k).values
 
 
@@ -54,7 +63,7 @@ def sparse_delta(w: torch.Tensor, sparsity: float, form: str = "code") -> torch.
     if sparsity <= 0:
         return w
     mag = w.detach().abs()
-    tau = sparsify_threshold(mag, sparsity)
+    tau = sparsify_threshold(mag, sparsity, form)
     if form == "code":
         factor = mag * (mag > tau)
     else:  # paper eq. 5
