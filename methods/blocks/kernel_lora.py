@@ -17,10 +17,14 @@ entries). ``form='paper'`` uses the paper's eq. 5, ΔW ⊙ stopgrad(max(|ΔW| �
 magnitude (the paper's definition; the stop-gradient on the factor is kept as in the code form). s = 0 is plain
 kernelised LoRA (the official ``KLoRA`` class: ΔW used as is, no magnitude factor).
 
-Memory: ``KernelDeltaFn`` is a custom autograd function that saves only the branch input x and the
-factors A, B; ΔW (and the cdist graph) is rebuilt in backward. This is what the official code gets from
-``torch.utils.checkpoint``; unlike its reentrant checkpoint (SNELL class), it gives the factors a
-gradient even when x does not require grad (the official code's failure on Swin/ConvNeXt).
+Memory: ``KernelDeltaFn`` is a custom autograd function that saves only the branch input x, the
+factors A, B and a dropout seed; ΔW, the sparsity factor and the input-dropout mask are rebuilt in
+backward, and the kernel gradient is written out by hand (no autograd graph, a few d_in×d_out buffers).
+The official code gets the recomputation from ``torch.utils.checkpoint`` (which still stores each
+branch's dropped-out input copy); unlike its reentrant checkpoint (SNELL class), ours gives the factors
+a gradient even when x does not require grad (the official code's failure on Swin/ConvNeXt). The input
+dropout lives inside the function (same distribution as ``nn.Dropout``: zero with probability p, scale
+1/(1−p); masks drawn from a per-call seed taken from torch's default generator).
 """
 from __future__ import annotations
 
@@ -71,28 +75,78 @@ def sparse_delta(w: torch.Tensor, sparsity: float, form: str = "code") -> torch.
     return w * factor
 
 
+def _magnitude_factor(w: torch.Tensor, sparsity: float, form: str) -> torch.Tensor:
+    """stopgrad factor F with ΔW^s = ΔW ⊙ F (a new tensor; ``w`` is left untouched)."""
+    mag = w.abs()
+    tau = sparsify_threshold(mag, sparsity, form)
+    if form == "code":
+        return mag.mul_(mag > tau)
+    return mag.sub_(tau).clamp_min_(0)
+
+
+def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The dropout keep-mask, regenerated from ``seed`` (so it is never stored)."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) >= p
+
+
 class KernelDeltaFn(torch.autograd.Function):
-    """y = x · ΔW^s(A, B) with ΔW rebuilt in backward (never stored for autograd)."""
+    """y = dropout_p(x) · ΔW^s(A, B). Saves only x, A, B (and a seed): ΔW, the sparsity factor and the
+    dropout mask are rebuilt in backward, and the kernel's gradient is written out by hand
+    (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so backward needs a few
+    d_in×d_out buffers and no autograd graph. Distances of exactly 0 get zero gradient (as cdist)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, sparsity: float, form: str):
+    def forward(x, A, B, sparsity: float, form: str, p: float, seed: int):
         with torch.no_grad():
-            w = sparse_delta(kernel_delta(A, B), sparsity, form)
+            w = kernel_delta(A, B)
+            if sparsity > 0:
+                w.mul_(_magnitude_factor(w, sparsity, form))
+            if p > 0:
+                x = x * _dropout_keep(x, p, seed).to(x.dtype) / (1 - p)
             y = x @ w.to(x.dtype)
-        ctx.save_for_backward(x, A, B)
-        ctx.sparsity, ctx.form = sparsity, form
         return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, A, B, sparsity, form, p, seed = inputs
+        ctx.save_for_backward(x, A, B)
+        ctx.sparsity, ctx.form, ctx.p, ctx.seed = sparsity, form, p, seed
 
     @staticmethod
     def backward(ctx, gy):
         x, A, B = ctx.saved_tensors
-        with torch.enable_grad():
-            a, b = A.detach().requires_grad_(True), B.detach().requires_grad_(True)
-            w = sparse_delta(kernel_delta(a, b), ctx.sparsity, ctx.form)
-            gw = x.reshape(-1, x.shape[-1]).t().to(w.dtype) @ gy.reshape(-1, gy.shape[-1]).to(w.dtype)
-            ga, gb = torch.autograd.grad(w, (a, b), gw)
-        gx = (gy @ w.detach().t().to(gy.dtype)) if ctx.needs_input_grad[0] else None
-        return gx, ga, gb, None, None
+        s, form, p = ctx.sparsity, ctx.form, ctx.p
+        with torch.no_grad():
+            dists = [torch.cdist(A[i], B[i], p=2) for i in range(len(ALPHAS))]
+            w = dists[0] * ALPHAS[0]
+            for a, d in zip(ALPHAS[1:], dists[1:]):
+                w.add_(d, alpha=a)
+            factor = _magnitude_factor(w, s, form) if s > 0 else None
+            keep = _dropout_keep(x, p, ctx.seed).to(x.dtype) / (1 - p) if p > 0 else None
+            gx = None
+            if ctx.needs_input_grad[0]:
+                if factor is not None:
+                    w.mul_(factor)
+                gx = gy @ w.t().to(gy.dtype)
+                if keep is not None:
+                    gx = gx.mul_(keep)
+            del w
+            xd = x * keep if keep is not None else x
+            g = xd.reshape(-1, xd.shape[-1]).t().to(A.dtype) @ gy.reshape(-1, gy.shape[-1]).to(A.dtype)
+            del xd, keep
+            if factor is not None:
+                g.mul_(factor)
+                del factor
+            ga, gb = torch.empty_like(A), torch.empty_like(B)
+            for i, (a, d) in enumerate(zip(ALPHAS, dists)):
+                r = torch.div(g, d)
+                r.masked_fill_(d == 0, 0).mul_(a)
+                ga[i] = r.sum(1, keepdim=True) * A[i] - r @ B[i]
+                gb[i] = r.sum(0).unsqueeze(1) * B[i] - r.t() @ A[i]
+                del r
+        return gx, ga, gb, None, None, None, None
 
 
 class KernelDelta(nn.Module):
@@ -117,14 +171,18 @@ class KernelDelta(nn.Module):
         self.sparsity, self.form, self.rank = float(sparsity), form, rank
         self.A = nn.Parameter(torch.empty(len(ALPHAS), d_in, rank // 2, device=device))
         self.B = nn.Parameter(torch.empty(len(ALPHAS), d_out, rank // 2, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"method.dropout must be in [0, 1) (got {dropout})")
+        self.p = float(dropout)  # input dropout, applied inside KernelDeltaFn (mask regenerated, never stored)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if self.A.device.type != "meta":
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = KernelDeltaFn.apply(self.dropout(x), self.A, self.B, self.sparsity, self.form)
+        p = self.p if self.training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
         return self.drop_path(y)
 
     def effective_delta(self) -> torch.Tensor:
@@ -136,4 +194,4 @@ class KernelDelta(nn.Module):
         return self.effective_delta().t()
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, sparsity={self.sparsity}, form={self.form}"
+        return f"rank={self.rank}, sparsity={self.sparsity}, form={self.form}, dropout={self.p}"
