@@ -54,7 +54,7 @@ class ARCAdapter(nn.Module):
                  dropout: float = 0.1, device=None):
         super().__init__()
         if scale_init not in ("zeros", "xavier"):
-            raise ValueError(f"ARC scale init must be 'zeros' or 'xavier' (got '{scale_init}')")
+            raise ValueError(f"method.mlp_scale_init must be 'zeros' or 'xavier' (got '{scale_init}')")
         self._bank = (bank,)  # a tuple: the shared U is registered once, on the model
         self.position = position
         self.scale = nn.Parameter(torch.zeros(1, rank, device=device))

@@ -131,7 +131,8 @@ class KernelDeltaFn(torch.autograd.Function):
                     w.mul_(factor)
                 gx = gy @ w.t().to(gy.dtype)
                 if keep is not None:
-                    gx = gx.mul_(keep)
+                    gx = gx.mul_(keep.to(gx.dtype))
+                gx = gx.to(x.dtype)
             del w
             xd = x * keep if keep is not None else x
             g = xd.reshape(-1, xd.shape[-1]).t().to(A.dtype) @ gy.reshape(-1, gy.shape[-1]).to(A.dtype)
