@@ -65,6 +65,7 @@ class SNELL(Method):
         rank = int(self.get("rank", 32))
         sparsity, form = self.sparsity_for(), str(self.get("sparse_form", "code"))
         dropout, drop_path = float(self.get("dropout", 0.1)), float(self.get("drop_path", 0.1))
+        recompute = bool(self.get("recompute", True))
         self.sparsity = sparsity
         for b in sites:
             for name in SITES:
@@ -78,7 +79,7 @@ class SNELL(Method):
                     slices = qkv_slices(d_in, ["q", "k", "v"])
                 else:
                     slices = {name: slice(0, d_out)}
-                deltas = {t: KernelDelta(d_in, s.stop - s.start, rank, sparsity, form, p, drop_path, device=dev)
+                deltas = {t: KernelDelta(d_in, s.stop - s.start, rank, sparsity, form, p, drop_path, recompute, device=dev)
                           for t, s in slices.items()}
                 b.set_linear(name, DeltaLinear(lin, deltas, slices))
         cls = getattr(model, "cls_token", None)

@@ -253,3 +253,18 @@ def test_arc_merge_folds_into_qkv_and_fc1(name):
     assert not hasattr(model, "petl_arc") and all(len(b.petl) == 0 for b in model.blocks)
     ref = backbones.build(__import__("omegaconf").OmegaConf.create(__import__("helpers").TINY_VIT), num_classes=10)
     assert set(model.state_dict()) == set(ref.state_dict())
+
+
+def test_snell_recompute_off_is_the_same_function_and_gradient():
+    """``recompute: false`` (the paper's "storing ΔW" ablation) gives the same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    a = KernelDelta(16, 24, rank=8, sparsity=0.5).eval()
+    b = KernelDelta(16, 24, rank=8, sparsity=0.5, recompute=False).eval()
+    b.load_state_dict(a.state_dict())
+    ya, yb = a(x), b(x)
+    ga = torch.autograd.grad(ya.square().sum(), (x, a.A, a.B))
+    gb = torch.autograd.grad(yb.square().sum(), (x, b.A, b.B))
+    assert torch.allclose(ya, yb, atol=1e-6)
+    assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(ga, gb))
+    assert max(n for _, n in _saved_numels(lambda: b(x).sum())) >= 16 * 24

@@ -153,14 +153,18 @@ class KernelDeltaFn(torch.autograd.Function):
 class KernelDelta(nn.Module):
     """One SNELL branch: drop_path(dropout(x) · ΔW^s) for a d_in → d_out linear.
 
+    ``recompute=False`` is the paper's "storing ΔW" ablation (plain autograd through the kernel; same
+    values and gradients, more memory).
+
     Init: kaiming-uniform(a=√5) on the 3-D factor tensors as the official code (PyTorch's fan-in of a
     (2, d, r/2) tensor is d·r/2, so bound = 1/√(d·r/2)). ``delta_weight()`` returns (ΔW^s)ᵀ in the
     ``nn.Linear`` orientation (out × in) so ``DeltaLinear.merged()`` folds it exactly (eval mode).
     """
 
     def __init__(self, d_in: int, d_out: int, rank: int, sparsity: float = 0.0, form: str = "code",
-                 dropout: float = 0.0, drop_path: float = 0.0, device=None):
+                 dropout: float = 0.0, drop_path: float = 0.0, recompute: bool = True, device=None):
         super().__init__()
+        self.recompute = bool(recompute)
         if rank < 2 or rank % 2:
             raise ValueError(f"method.rank must be an even integer >= 2 (got {rank}): each of the 2 kernel pieces uses rank/2")
         if not 0.0 <= sparsity < 1.0:
@@ -182,6 +186,9 @@ class KernelDelta(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p if self.training else 0.0
+        if not self.recompute:  # ablation "SNELL storing ΔW": plain autograd, ΔW kept for backward
+            x = nn.functional.dropout(x, p, training=p > 0)
+            return self.drop_path(x @ sparse_delta(kernel_delta(self.A, self.B), self.sparsity, self.form).to(x.dtype))
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
         return self.drop_path(y)
