@@ -18,9 +18,13 @@ What the official ViT code does (``BlockSNELLParallel``) and what we do:
 
 Counts on ViT-B/16 excl. head (incl. cls_token 768): r=8 1,327,872; r=16 2,654,976; r=32 5,309,184.
 
-The branches are written against the ``Sites`` linear API (``linear``/``set_linear``), and a fused
-qkv is detected by out = 3·in, so the method should work on Swin (fused qkv) and ConvNeXt (fc1/fc2 only)
-once their sites exist; ``families`` stays ("vit",) until that is tested. ``merge`` folds ΔW^s into the
+The branches are written against the ``Sites`` linear API (``linear_names``/``linear``/``set_linear``;
+a fused qkv is detected by out = 3·in): Swin gets q/k/v/proj/fc1/fc2 branches (q, k, v on the fused qkv
+output, as the official Swin code), ConvNeXt the two pointwise MLP linears. Checked on a snapshot of
+main with the Swin/ConvNeXt families: Swin-B SNELL-8/32 1,732,608 / 6,930,432 and ConvNeXt-B
+1,443,840 / 5,775,360 excl. head (the official counts), every factor gets a gradient on both (the
+official code: none). Deviation on ConvNeXt: the official keyword rule also trains ``head.norm`` (the
+final LayerNorm, part of the backbone here); we keep it frozen. ``merge`` folds ΔW^s into the
 frozen weights (exact in eval mode: dropout and DropPath off, the quantile rule is deterministic).
 """
 from __future__ import annotations
@@ -45,7 +49,7 @@ ALIASES = {"cifar": "cifar100", "caltech": "caltech101", "flowers102": "oxford_f
 
 @register("snell")
 class SNELL(Method):
-    families = ("vit",)
+    families = ("vit", "swin", "convnext")  # written against the Sites linear API; tested on all three
     mergeable = True
 
     def sparsity_for(self) -> float:
@@ -68,11 +72,8 @@ class SNELL(Method):
         recompute = bool(self.get("recompute", True))
         self.sparsity = sparsity
         for b in sites:
-            for name in SITES:
-                try:
-                    lin = b.linear(name)
-                except (KeyError, AttributeError):
-                    continue  # a family without this linear (e.g. ConvNeXt has only fc1/fc2)
+            for name in getattr(b, "linear_names", SITES):  # families list their linears (ConvNeXt: fc1, fc2)
+                lin = b.linear(name)
                 d_in, d_out, dev = lin.in_features, lin.out_features, lin.weight.device
                 p = 0.0 if name == "proj" else dropout  # official: no input dropout on proj
                 if name == "qkv" and d_out == 3 * d_in:

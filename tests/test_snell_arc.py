@@ -268,3 +268,29 @@ def test_snell_recompute_off_is_the_same_function_and_gradient():
     assert torch.allclose(ya, yb, atol=1e-6)
     assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(ga, gb))
     assert max(n for _, n in _saved_numels(lambda: b(x).sum())) >= 16 * 24
+
+
+@pytest.mark.parametrize("bb,counts", [("swin", {8: 1_732_608, 32: 6_930_432}), ("convnext", {8: 1_443_840, 32: 5_775_360})])
+def test_snell_on_swin_and_convnext(bb, counts):
+    """Runs once the Swin/ConvNeXt families are registered (backbones branch): every SNELL factor gets a
+    gradient (the official code: none on these backbones), and the official counts on the -B models."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from bench import CONF_DIR
+    from bench.registry import BACKBONES
+    from bench.run import params_report
+    from helpers import compose_cfg
+
+    if f"{bb}_micro" not in BACKBONES or f"{bb}_b" not in BACKBONES:
+        pytest.skip(f"backbone family '{bb}' not available in this checkout")
+    tiny = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "backbone" / f"{bb}_micro.yaml"))
+    model, _ = build("snell", backbone=tiny, rank=8)
+    model.train()
+    torch.nn.functional.cross_entropy(model(images(4)), torch.arange(4)).backward()
+    snell = [(n, p) for n, p in model.named_parameters() if ".deltas." in n]
+    assert snell and not [n for n, p in snell if p.grad is None or p.grad.abs().sum() == 0]
+    for rank, expected in counts.items():
+        cfg = compose_cfg(["mode=params", f"backbone={bb}_b", "method=snell", f"method.rank={rank}", "dataset.num_classes=100"])
+        assert params_report(cfg)["trainable_params"] == expected
