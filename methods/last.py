@@ -17,7 +17,8 @@ Our choices where the paper text available here is silent (reconstruction, docum
 one LSA layer per group, r = 16, biases on all projections, W_q/W_k/W_v trunc-normal(0.02) and W_o = 0
 (zero-initialised, so the model starts exactly at the frozen model's logits). Count on ViT-B/16:
 12·(1,536 + 3·(768·16 + 16) + (16·768 + 768)) = 618,048 excl. head; with the VTAB-average head
-(38,044) that is 0.656M, consistent with the paper's 0.66M (which, like most tables, includes heads).
+(38,044) that is 0.656M, which would match the paper's 0.66M if that figure includes heads
+(unverified: the exact r, g and bias choices of the paper could not be read here).
 """
 from __future__ import annotations
 

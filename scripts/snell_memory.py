@@ -40,9 +40,11 @@ def child(spec: str, batch: int, steps: int, threads: int) -> dict:
 
     name, _, over = spec.partition(":")
     cfg = OmegaConf.load(Path(CONF_DIR) / "method" / f"{name}.yaml")
+    import yaml
+
     for kv in filter(None, over.split(",")):
         k, v = kv.split("=")
-        cfg[k] = type(cfg[k])(v) if cfg.get(k) is not None and not isinstance(cfg[k], str) else v
+        cfg[k] = yaml.safe_load(v)
     torch.manual_seed(0)
     bcfg = OmegaConf.load(Path(CONF_DIR) / "backbone" / "vit_b16.yaml")
     bcfg.checkpoint = None
