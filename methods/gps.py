@@ -50,6 +50,9 @@ class SparseDeltaConv(nn.Module):
     def __init__(self, base: nn.Conv2d, weight_index: torch.Tensor):
         super().__init__()
         self.base = base
+        weight_index = weight_index.reshape(-1).long()
+        if weight_index.device.type != "meta":
+            weight_index = torch.sort(weight_index).values
         self.register_buffer("weight_index", weight_index.to(base.weight.device))
         self.delta = nn.Parameter(torch.zeros(weight_index.numel(), device=base.weight.device, dtype=base.weight.dtype))
 
@@ -153,7 +156,9 @@ class GPS(Method):
     def prepare(self, model, train_loader, loss_fn) -> dict:
         t0 = time.perf_counter()
         targets = self._targets(model, self.sites)
-        weights = [getattr(p, a).base.weight for p, a in targets]
+        for parent, attr in targets:  # score the plain frozen layers (the wrappers give no weight gradient)
+            setattr(parent, attr, getattr(parent, attr).base)
+        weights = [getattr(p, a).weight for p, a in targets]
         flags = {id(p): p.requires_grad for p in model.parameters()}
         acc = [torch.zeros_like(w) for w in weights]
         device = weights[0].device
