@@ -85,7 +85,6 @@ from torch import nn
 
 from backbones import Sites, sites as get_sites
 from methods.base import Method, NotMergeableError, register
-from methods.blocks.lora import LowRank
 from methods.blocks.sparse_delta import SparseDeltaLinear
 
 log = logging.getLogger(__name__)
@@ -420,15 +419,18 @@ class LoRABranch(nn.Module):
 
     def __init__(self, d_in, d_out, rank, dropout, drop_path, device=None):
         super().__init__()
-        self.lora = LowRank(d_in, d_out, rank, device=device)
+        self.A = nn.Parameter(torch.empty(rank, d_in, device=device))
+        self.B = nn.Parameter(torch.zeros(d_out, rank, device=device))
+        if self.A.device.type != "meta":
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
-        return self.drop_path(self.lora(self.drop(x)))
+        return self.drop_path(F.linear(F.linear(self.drop(x), self.A), self.B))
 
     def delta_weight(self):
-        return self.lora.delta_weight()
+        return self.B @ self.A
 
 
 class AdapterBranch(nn.Module):
@@ -468,9 +470,12 @@ class SPTLinear(SparseDeltaLinear):
             return y
         adds = [(self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
                 for n, br in self.branches.items()]
-        y = y.clone()
+        if self.delta is not None or any(src == "output" for src in self.sources.values()):
+            # custom-Function outputs may not be modified in place, and branches reading slices of y
+            # need them intact for their backward
+            y = y.clone()
         for s, d in adds:
-            y[..., s] = y[..., s] + d
+            y[..., s] += d
         return y
 
     def merged(self) -> nn.Linear:

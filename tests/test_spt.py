@@ -39,9 +39,10 @@ def b16_meta():
 
 
 # -- sparse delta ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk", [sd.CHUNK_ELEMS, 7])
-def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk,ratio", [(sd.CHUNK_ELEMS, 16), (7, 16), (sd.CHUNK_ELEMS, 1), (7, 1)])
+def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, chunk, ratio):
     monkeypatch.setattr(sd, "CHUNK_ELEMS", chunk)  # 7: many chunks
+    monkeypatch.setattr(sd, "GATHER_RATIO", ratio)  # 16: 17 of 120 positions form W + scatter(Δ); 1: gather path
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10).requires_grad_(False)
     bidx = torch.tensor([1, 4, 9])
@@ -76,6 +77,8 @@ def test_sparse_delta_identity_at_zero_and_exact_merge():
     ref = base(x)
     m = SparseDeltaLinear(base, torch.tensor([0, 5, 47]), torch.tensor([2]))
     assert torch.equal(m(x), ref)
+    big = SparseDeltaLinear(base, torch.arange(0, 48, 2))  # the other path (W + scatter(Δ)) is exact too
+    assert torch.equal(big(x), ref)
     with torch.no_grad():
         m.delta.fill_(0.5)
         m.bias_delta.fill_(-1.0)
@@ -295,7 +298,7 @@ def test_structured_layouts():
             for op, br in mod.branches.items():
                 assert mod.sources[op] == "input"
                 assert isinstance(br.drop, torch.nn.Identity) == (op == "proj")
-                assert torch.count_nonzero(br.lora.B) == 0
+                assert torch.count_nonzero(br.B) == 0
     model, m, _ = prepared("spt_adapter", budget="12k")
     seen = set()
     for mod in model.modules():
@@ -316,7 +319,7 @@ def test_param_groups_no_decay_on_vectors_deltas_and_cls_token():
     no_decay = {names[id(p)] for p in groups[1]["params"]}
     assert groups[1]["weight_decay"] == 0.0 and "cls_token" in no_decay
     assert any(n.endswith(".delta") for n in no_decay) and "head.bias" in no_decay
-    assert "head.weight" in decay and any(n.endswith("lora.A") for n in decay)
+    assert "head.weight" in decay and any(n.endswith(".A") for n in decay)
     assert not any(n.endswith("delta") for n in decay)
     c = count_params(model, model.head)
     assert sum(p.numel() for g in groups for p in g["params"]) == c["trainable_params"] + c["head_params"]

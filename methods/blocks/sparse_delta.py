@@ -11,8 +11,10 @@ The weight gradient is computed only at the selected positions, by a custom auto
 as an elementwise gather-product-sum over the tokens, in chunks of positions so the temporary is at
 most ``CHUNK_ELEMS`` numbers. No dense d_out×d_in weight gradient is ever formed, and neither is the
 nnz×nnz product of SPT's official ``LinearSPTSparseGrad`` (it takes the diagonal of an nnz×nnz matrix,
-O(nnz²) memory; see specs/spt_snell_arc.md §1.5 item 8). The effective weight W + scatter(Δ) is formed
-in forward and recomputed in backward (one d_out×d_in temporary, as in the official code, never saved).
+O(nnz²) memory; see specs/spt_snell_arc.md §1.5 item 8). With few positions (nnz ≤ d_out·d_in/16, the
+SPT/GPS case) the delta's contribution to y and to grad_x is gathered (O(tokens·nnz)) and W + scatter(Δ)
+is never formed; with many, the effective weight is formed in forward and recomputed in backward (one
+d_out×d_in temporary, as in the official code, never saved).
 
 With Δ = 0 the output is bit-identical to the frozen linear (W + 0 = W exactly, then the same
 ``F.linear``). ``merged()`` folds the deltas into the base linear exactly.
@@ -45,13 +47,29 @@ def sparse_delta_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols
     return out
 
 
+def _use_gather(nnz: int, numel: int) -> bool:
+    """Few positions: add Δ's contribution by gathering (O(tokens·nnz)) instead of forming W + scatter(Δ)."""
+    return nnz * GATHER_RATIO <= numel
+
+
+GATHER_RATIO = 16
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
+    """y = x (W + scatter(Δ))ᵀ + b. With few positions (``_use_gather``) the delta's contribution is
+    added as y[..., r_k] += Δ_k · x[..., c_k] (and likewise for grad_x), so W + scatter(Δ) is never
+    formed; otherwise the effective weight is formed (forward) and recomputed (backward)."""
+
     @staticmethod
     def forward(ctx, x, delta, bias, weight, index, rows, cols):
-        w = scatter_delta(weight, index, delta)
         ctx.save_for_backward(x, delta, weight, index, rows, cols)
         ctx.has_bias = bias is not None
-        return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w, bias)
+        ctx.gather = _use_gather(index.numel(), weight.numel())
+        if ctx.gather:
+            y = F.linear(x, weight.to(x.dtype), bias)
+            return y.index_add_(-1, rows, x.index_select(-1, cols) * delta.to(x.dtype))
+        w = scatter_delta(weight, index, delta)
+        return F.linear(x, w.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -59,8 +77,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
         grad_x = grad_delta = grad_bias = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[0]:
-            w = scatter_delta(weight, index, delta)
-            grad_x = (g2 @ w.to(g2.dtype)).view(*g.shape[:-1], w.shape[1]).to(x.dtype)
+            if ctx.gather:
+                gx = g2 @ weight.to(g2.dtype)
+                gx.index_add_(-1, cols, g2.index_select(-1, rows) * delta.to(g2.dtype))
+            else:
+                gx = g2 @ scatter_delta(weight, index, delta).to(g2.dtype)
+            grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_delta = sparse_delta_grad(g2, x.reshape(-1, x.shape[-1]), rows, cols).to(delta.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
