@@ -8,12 +8,15 @@ images) of (∂CE/∂w)², CE mean-reduced per batch, as the official ``get_sens
 * the model is in train mode, so the backbone's own stochastic depth is active (official: drop-path 0.1);
 * the head is the model's own freshly initialised head, untrained (official: the same);
 * the loss is plain cross-entropy, whatever ``train.label_smoothing`` says (official: plain CE);
+* the images are the first batches of the protocol's training split in file order. Official: train800
+  even when training on train800val200; our train800val200 starts with train800, so the first 512
+  images are the same;
 * eligible tensors: every block's q, k, v, proj, fc1, fc2 weights and biases, norm1/norm2 weights and
   biases, and the final norm: 194 tensors, 85,056,000 scalars on ViT-B/16 (72 matrices + 122 vectors).
   Our ViT has a fused qkv linear; q, k and v are its row thirds and are treated as three 768×768
   matrices (and three bias vectors) everywhere, so names, counts and files equal the official ones.
 
-The scores are cached per (backbone, checkpoint, dataset, seed, classes, batches) under
+The scores are cached per (backbone, checkpoint, dataset, seed, classes, batches, batch size) under
 ``cache_dir`` / ``$PETL_BENCH_CACHE`` / ``~/.cache/petl-bench`` in ``spt/sensitivity/`` and reused; the
 record says whether they were ``computed`` or ``loaded`` and how long that took.
 
@@ -45,6 +48,11 @@ Deviations from the official allocation, all on purpose:
    (``methods.blocks.sparse_delta``), not via the official O(nnz²) diagonal; no ``.cuda()`` calls.
 5. Whole-tuned bias vectors of q/k/v are slices of the fused ``qkv.bias``; they are trained as a dense
    delta over the slice (the same function and count; with no weight decay, AdamW steps are identical).
+
+A budget above what the backbone can train (e.g. the default 0.4M on a tiny test ViT) selects
+everything, logs a warning and records ``budget_clamped``. The record (``method_info``) gives the
+composition: structured matrices/params, whole vectors, sparse entries, cls_token, τ, the relative
+budget error. ``export_official()`` writes the selection in the official file layout.
 
 Modules (§1.2), r = 8, both identity at init (``identity_at_init``):
 
@@ -699,11 +707,13 @@ class _SPT(Method):
         if self.built:
             return dict(self.info)
         key = sensitivity_key(model, self.entries, self.context, self.batches)
+        if key is not None:
+            key["batch_size"] = getattr(train_loader, "batch_size", None)
         path = sensitivity_path(self.context, key) if key else None
         t0 = time.perf_counter()
         if path is not None and path.is_file():
-            scores = torch.load(path, map_location="cpu", weights_only=False)["scores"]
-            status, images = "loaded", None
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            scores, images, status = saved["scores"], saved.get("images"), "loaded"
         else:
             scores, images = compute_sensitivity(model, self.entries, train_loader, self.batches)
             status = "computed"

@@ -67,7 +67,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         ctx.gather = _use_gather(index.numel(), weight.numel())
         if ctx.gather:
             y = F.linear(x, weight.to(x.dtype), bias)
-            return y.index_add_(-1, rows, x.index_select(-1, cols) * delta.to(x.dtype))
+            return y.index_add_(-1, rows, (x.index_select(-1, cols) * delta.to(x.dtype)).to(y.dtype))
         w = scatter_delta(weight, index, delta)
         return F.linear(x, w.to(x.dtype), bias)
 
