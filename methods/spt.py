@@ -476,15 +476,20 @@ class SPTLinear(SparseDeltaLinear):
         y = super().forward(x)
         if not len(self.branches):
             return y
-        adds = [(self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
-                for n, br in self.branches.items()]
-        if self.delta is not None or any(src == "output" for src in self.sources.values()):
-            # custom-Function outputs may not be modified in place, and branches reading slices of y
-            # need them intact for their backward
-            y = y.clone()
-        for s, d in adds:
-            y[..., s] += d
-        return y
+        adds = {self.slices[n].start: (self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
+                for n, br in self.branches.items()}
+        # one out-of-place add of the full-width branch output (zeros where no branch): cheaper in
+        # backward than in-place slice updates, and y stays intact for branches that read it
+        parts, pos, width = [], 0, y.shape[-1]
+        for start in sorted(adds):
+            s, d = adds[start]
+            if start > pos:
+                parts.append(y.new_zeros(*y.shape[:-1], start - pos))
+            parts.append(d.to(y.dtype))
+            pos = s.stop
+        if pos < width:
+            parts.append(y.new_zeros(*y.shape[:-1], width - pos))
+        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, -1))
 
     def merged(self) -> nn.Linear:
         if any(not hasattr(b, "delta_weight") for b in self.branches.values()):
