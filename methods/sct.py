@@ -54,7 +54,7 @@ class ChannelAdapter(nn.Module):
         upd = self.linear(x.index_select(-1, self.index))
         if self.scale is not None:
             upd = upd * self.scale
-        return x.index_add(-1, self.index, upd)
+        return x.index_add(-1, self.index, upd.to(x.dtype))  # autocast: the linear may return bf16
 
 
 def resolve_channels(value, dim: int) -> int:
