@@ -237,6 +237,15 @@ def test_official_lora_file_gives_380738(tmp_path):
     assert (c["structured_matrices"], c["structured_params"], c["full_vector_params"], c["sparse_params"]) == \
         (14, 301_056, 55_296, 23_618)
     assert sel.dropped_norm_entries == 171
+    # the official Adapter config reads LoRA files: we build it, with Adapter costs, and flag the mismatch
+    import methods
+    from helpers import method_cfg
+
+    ad = methods.build(method_cfg("spt_adapter", sensitivity=str(p)))
+    model = b16_meta()
+    ad.apply(model)
+    assert ad.info["file_variant_mismatch"] and ad.info["structured_params"] == 14 * 13_064
+    assert trainable(model) == 14 * 13_064 + 55_296 + 23_618 + 768
 
 
 def test_official_adapter_file_gives_422662(tmp_path):
