@@ -70,6 +70,31 @@ def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, ch
     assert base.weight.grad is None and base.bias.grad is None
 
 
+@pytest.mark.parametrize("chunk", [sd.CHUNK_ELEMS, 5])
+def test_row_regular_sparse_delta_equals_dense(monkeypatch, chunk):
+    """k positions in every row (GPS): the reshape-sum path gives the dense reference's outputs and grads."""
+    monkeypatch.setattr(sd, "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(sd, "GATHER_RATIO", 1)  # 30 of 120 positions: take the gather path
+    torch.manual_seed(2)
+    base = torch.nn.Linear(12, 10).requires_grad_(False)
+    cols = torch.stack([torch.randperm(12)[:3] for _ in range(10)])
+    idx = (torch.arange(10).unsqueeze(1) * 12 + cols).reshape(-1)
+    m = SparseDeltaLinear(base, idx)
+    assert m.row_k == 3 and SparseDeltaLinear(base, idx[1:]).row_k == 0
+    with torch.no_grad():
+        m.delta.normal_()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    dw = m.delta.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    w_ref = base.weight.reshape(-1) + torch.zeros(120).index_add(0, m.weight_index, dw)
+    y, y_ref = m(x), torch.nn.functional.linear(x2, w_ref.view(10, 12), base.bias)
+    assert torch.allclose(y, y_ref, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(m.delta.grad, dw.grad, atol=1e-5)
+
+
 def test_sparse_delta_identity_at_zero_and_exact_merge():
     torch.manual_seed(1)
     base = torch.nn.Linear(8, 6)

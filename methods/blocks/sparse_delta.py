@@ -55,16 +55,33 @@ def _use_gather(nnz: int, numel: int) -> bool:
 GATHER_RATIO = 16
 
 
+def regular_delta_grad(g: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
+    """``sparse_delta_grad`` when row r owns positions r·k … r·k+k-1 (no gather of g), chunked over rows."""
+    n, out = g.shape
+    step = max(1, CHUNK_ELEMS // max(1, n * k))
+    res = torch.empty(out, k, dtype=torch.float32, device=g.device)
+    g32, x32, c = g.float(), x.float(), cols.view(out, k)
+    for r in range(0, out, step):
+        xs = x32.index_select(1, c[r:r + step].reshape(-1)).view(n, -1, k)
+        res[r:r + step] = (g32[:, r:r + step].unsqueeze(-1) * xs).sum(0)
+    return res.reshape(-1)
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """y = x (W + scatter(Δ))ᵀ + b. With few positions (``_use_gather``) the delta's contribution is
     added as y[..., r_k] += Δ_k · x[..., c_k] (and likewise for grad_x), so W + scatter(Δ) is never
     formed; otherwise the effective weight is formed (forward) and recomputed (backward)."""
 
     @staticmethod
-    def forward(ctx, x, delta, bias, weight, index, rows, cols):
+    def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0):
         ctx.save_for_backward(x, delta, weight, index, rows, cols)
         ctx.has_bias = bias is not None
         ctx.gather = _use_gather(index.numel(), weight.numel())
+        ctx.row_k = row_k
+        if ctx.gather and row_k:  # exactly row_k positions in every row (GPS): a reshape-sum, no scatter
+            y = F.linear(x, weight.to(x.dtype), bias)
+            xs = x.index_select(-1, cols).view(*x.shape[:-1], weight.shape[0], row_k)
+            return y.add_((xs * delta.to(x.dtype).view(-1, row_k)).sum(-1).to(y.dtype))
         if ctx.gather:
             y = F.linear(x, weight.to(x.dtype), bias)
             return y.index_add_(-1, rows, (x.index_select(-1, cols) * delta.to(x.dtype)).to(y.dtype))
@@ -77,17 +94,24 @@ class _SparseDeltaLinear(torch.autograd.Function):
         grad_x = grad_delta = grad_bias = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[0]:
-            if ctx.gather:
+            if ctx.gather and ctx.row_k:
+                gx = g2 @ weight.to(g2.dtype)
+                gx.index_add_(-1, cols, (g2.unsqueeze(-1) * delta.to(g2.dtype).view(-1, ctx.row_k)).reshape(g2.shape[0], -1))
+            elif ctx.gather:
                 gx = g2 @ weight.to(g2.dtype)
                 gx.index_add_(-1, cols, g2.index_select(-1, rows) * delta.to(g2.dtype))
             else:
                 gx = g2 @ scatter_delta(weight, index, delta).to(g2.dtype)
             grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_delta = sparse_delta_grad(g2, x.reshape(-1, x.shape[-1]), rows, cols).to(delta.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.row_k:
+                grad_delta = regular_delta_grad(g2, x2, cols, ctx.row_k).to(delta.dtype)
+            else:
+                grad_delta = sparse_delta_grad(g2, x2, rows, cols).to(delta.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.float().sum(0)
-        return grad_x, grad_delta, grad_bias, None, None, None, None
+        return grad_x, grad_delta, grad_bias, None, None, None, None, None
 
 
 class SparseDeltaLinear(nn.Module):
@@ -113,7 +137,18 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("cols", wi % self.in_features, persistent=False)
         self.register_buffer("bias_index", bi, persistent=True)
         self.delta = nn.Parameter(torch.zeros(wi.numel(), device=dev, dtype=base.weight.dtype)) if wi.numel() else None
+        self.row_k = self._row_regular(wi, self.out_features, self.in_features)
         self.bias_delta = nn.Parameter(torch.zeros(bi.numel(), device=dev, dtype=base.weight.dtype)) if bi.numel() else None
+
+    @staticmethod
+    def _row_regular(index: torch.Tensor, out: int, inp: int) -> int:
+        """k when the sorted positions hold exactly k entries of every row (GPS's top-k per neuron), else 0."""
+        n = index.numel()
+        if n == 0 or n % out or index.device.type == "meta":
+            return 0
+        k = n // out
+        rows = torch.div(index, inp, rounding_mode="floor")
+        return k if torch.equal(rows, torch.arange(out, device=index.device).repeat_interleave(k)) else 0
 
     @staticmethod
     def _check(index, size: int, what: str, device) -> torch.Tensor:
@@ -155,7 +190,8 @@ class SparseDeltaLinear(nn.Module):
         b = self.effective_bias()
         if self.delta is None:
             return F.linear(x, self.base.weight, b)
-        return _SparseDeltaLinear.apply(x, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols)
+        return _SparseDeltaLinear.apply(x, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols,
+                                        self.row_k)
 
     def fold_into_base(self) -> None:
         with torch.no_grad():
