@@ -1,0 +1,208 @@
+"""Unstructured sparse deltas on a frozen linear: y = x (W + scatter(Δ))ᵀ + (b + scatter(Δ_b)).
+
+Used by SPT (its "unstructured tuning") and GPS (top-k input connections per output neuron). The
+pretrained ``W`` and ``b`` stay frozen; the trainable tensors are 1-D ``delta`` (one entry per selected
+weight position, zero at init) and ``bias_delta`` (one entry per selected bias position, zero at init).
+
+The weight gradient is computed only at the selected positions, by a custom autograd function:
+
+    dL/dΔ_k = Σ_tokens g[..., row_k] · x[..., col_k]
+
+as an elementwise gather-product-sum over the tokens, in chunks of positions so the temporary is at
+most ``CHUNK_ELEMS`` numbers. No dense d_out×d_in weight gradient is ever formed, and neither is the
+nnz×nnz product of SPT's official ``LinearSPTSparseGrad`` (it takes the diagonal of an nnz×nnz matrix,
+O(nnz²) memory; see specs/spt_snell_arc.md §1.5 item 8). With few positions (nnz ≤ d_out·d_in/16, the
+SPT/GPS case) the delta's contribution to y and to grad_x is gathered (O(tokens·nnz)) and W + scatter(Δ)
+is never formed; with many, the effective weight is formed in forward and recomputed in backward (one
+d_out×d_in temporary, as in the official code, never saved).
+
+With Δ = 0 the output is bit-identical to the frozen linear (W + 0 = W exactly, then the same
+``F.linear``). ``merged()`` folds the deltas into the base linear exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_ELEMS = 1 << 22  # largest (tokens × positions) temporary in the delta gradient
+
+
+def scatter_delta(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + scatter(Δ) out of place: ``index`` are flat positions into ``weight``."""
+    return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
+
+
+def sparse_delta_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Σ_n g[n, rows_k] · x[n, cols_k] for every k (g: N×out, x: N×in), chunked over k, in fp32."""
+    n = max(1, g.shape[0])
+    step = max(1, CHUNK_ELEMS // n)
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=g.device)
+    g32, x32 = g.float(), x.float()
+    for start in range(0, rows.numel(), step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        out[start:start + step] = (g32.index_select(1, r) * x32.index_select(1, c)).sum(0)
+    return out
+
+
+def _use_gather(nnz: int, numel: int) -> bool:
+    """Few positions: add Δ's contribution by gathering (O(tokens·nnz)) instead of forming W + scatter(Δ)."""
+    return nnz * GATHER_RATIO <= numel
+
+
+GATHER_RATIO = 16
+
+
+def regular_delta_grad(g: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
+    """``sparse_delta_grad`` when row r owns positions r·k … r·k+k-1 (no gather of g), chunked over rows."""
+    n, out = g.shape
+    step = max(1, CHUNK_ELEMS // max(1, n * k))
+    res = torch.empty(out, k, dtype=torch.float32, device=g.device)
+    g32, x32, c = g.float(), x.float(), cols.view(out, k)
+    for r in range(0, out, step):
+        xs = x32.index_select(1, c[r:r + step].reshape(-1)).view(n, -1, k)
+        res[r:r + step] = (g32[:, r:r + step].unsqueeze(-1) * xs).sum(0)
+    return res.reshape(-1)
+
+
+class _SparseDeltaLinear(torch.autograd.Function):
+    """y = x (W + scatter(Δ))ᵀ + b. With few positions (``_use_gather``) the delta's contribution is
+    added as y[..., r_k] += Δ_k · x[..., c_k] (and likewise for grad_x), so W + scatter(Δ) is never
+    formed; otherwise the effective weight is formed (forward) and recomputed (backward)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0):
+        ctx.save_for_backward(x, delta, weight, index, rows, cols)
+        ctx.has_bias = bias is not None
+        ctx.gather = _use_gather(index.numel(), weight.numel())
+        ctx.row_k = row_k
+        if ctx.gather and row_k:  # exactly row_k positions in every row (GPS): a reshape-sum, no scatter
+            y = F.linear(x, weight.to(x.dtype), bias)
+            xs = x.index_select(-1, cols).view(*x.shape[:-1], weight.shape[0], row_k)
+            return y.add_((xs * delta.to(x.dtype).view(-1, row_k)).sum(-1).to(y.dtype))
+        if ctx.gather:
+            y = F.linear(x, weight.to(x.dtype), bias)
+            return y.index_add_(-1, rows, (x.index_select(-1, cols) * delta.to(x.dtype)).to(y.dtype))
+        w = scatter_delta(weight, index, delta)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, delta, weight, index, rows, cols = ctx.saved_tensors
+        grad_x = grad_delta = grad_bias = None
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[0]:
+            if ctx.gather and ctx.row_k:
+                gx = g2 @ weight.to(g2.dtype)
+                gx.index_add_(-1, cols, (g2.unsqueeze(-1) * delta.to(g2.dtype).view(-1, ctx.row_k)).reshape(g2.shape[0], -1))
+            elif ctx.gather:
+                gx = g2 @ weight.to(g2.dtype)
+                gx.index_add_(-1, cols, g2.index_select(-1, rows) * delta.to(g2.dtype))
+            else:
+                gx = g2 @ scatter_delta(weight, index, delta).to(g2.dtype)
+            grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.row_k:
+                grad_delta = regular_delta_grad(g2, x2, cols, ctx.row_k).to(delta.dtype)
+            else:
+                grad_delta = sparse_delta_grad(g2, x2, rows, cols).to(delta.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2.float().sum(0)
+        return grad_x, grad_delta, grad_bias, None, None, None, None, None
+
+
+class SparseDeltaLinear(nn.Module):
+    """A frozen ``base`` linear plus trainable sparse deltas on chosen weight and bias positions.
+
+    ``weight_index``: flat positions into ``base.weight`` (row·in_features + col);
+    ``bias_index``: positions into ``base.bias``. Either may be empty/None. Indices are stored
+    sorted and unique (duplicates are a caller bug and raise).
+    """
+
+    def __init__(self, base: nn.Linear, weight_index: Optional[torch.Tensor] = None,
+                 bias_index: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        dev = base.weight.device
+        wi = self._check(weight_index, base.weight.numel(), "weight_index", dev)
+        bi = self._check(bias_index, base.bias.numel() if base.bias is not None else 0, "bias_index", dev)
+        if bi.numel() and base.bias is None:
+            raise ValueError("bias_index given but the base linear has no bias")
+        self.register_buffer("weight_index", wi, persistent=True)
+        self.register_buffer("rows", torch.div(wi, self.in_features, rounding_mode="floor"), persistent=False)
+        self.register_buffer("cols", wi % self.in_features, persistent=False)
+        self.register_buffer("bias_index", bi, persistent=True)
+        self.delta = nn.Parameter(torch.zeros(wi.numel(), device=dev, dtype=base.weight.dtype)) if wi.numel() else None
+        self.row_k = self._row_regular(wi, self.out_features, self.in_features)
+        self.bias_delta = nn.Parameter(torch.zeros(bi.numel(), device=dev, dtype=base.weight.dtype)) if bi.numel() else None
+
+    @staticmethod
+    def _row_regular(index: torch.Tensor, out: int, inp: int) -> int:
+        """k when the sorted positions hold exactly k entries of every row (GPS's top-k per neuron), else 0."""
+        n = index.numel()
+        if n == 0 or n % out or index.device.type == "meta":
+            return 0
+        k = n // out
+        rows = torch.div(index, inp, rounding_mode="floor")
+        return k if torch.equal(rows, torch.arange(out, device=index.device).repeat_interleave(k)) else 0
+
+    @staticmethod
+    def _check(index, size: int, what: str, device) -> torch.Tensor:
+        if index is None:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.device.type != "meta" and index.numel():
+            index = torch.sort(index).values
+            if index[0] < 0 or index[-1] >= size:
+                raise ValueError(f"{what} out of range [0, {size})")
+            if (index[1:] == index[:-1]).any():
+                raise ValueError(f"{what} has duplicate positions")
+        return index.to(device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    @property
+    def nnz(self) -> int:
+        return self.weight_index.numel() + self.bias_index.numel()
+
+    def effective_bias(self) -> Optional[torch.Tensor]:
+        b = self.base.bias
+        if self.bias_delta is None:
+            return b
+        return b.index_add(0, self.bias_index, self.bias_delta.to(b.dtype))
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.delta is None:
+            return self.base.weight
+        return scatter_delta(self.base.weight, self.weight_index, self.delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.effective_bias()
+        if self.delta is None:
+            return F.linear(x, self.base.weight, b)
+        return _SparseDeltaLinear.apply(x, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols,
+                                        self.row_k)
+
+    def fold_into_base(self) -> None:
+        with torch.no_grad():
+            if self.delta is not None:
+                self.base.weight.copy_(self.effective_weight())
+            if self.bias_delta is not None:
+                self.base.bias.copy_(self.effective_bias())
+
+    def merged(self) -> nn.Linear:
+        self.fold_into_base()
+        return self.base
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, weight_nnz={self.weight_index.numel()}, bias_nnz={self.bias_index.numel()}"
