@@ -98,8 +98,10 @@ class KernelDeltaFn(torch.autograd.Function):
     d_in×d_out buffers and no autograd graph. Distances of exactly 0 get zero gradient (as cdist)."""
 
     @staticmethod
-    def forward(x, A, B, sparsity: float, form: str, p: float, seed: int):
+    def forward(x, A, B, sparsity: float, form: str, p: float, seed: int, pre=None):
         with torch.no_grad():
+            if pre is not None:  # the branch input is pre(x); only x is saved, pre(x) is rebuilt in backward
+                x = pre(x)
             w = kernel_delta(A, B)
             if sparsity > 0:
                 w.mul_(_magnitude_factor(w, sparsity, form))
@@ -110,14 +112,25 @@ class KernelDeltaFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, A, B, sparsity, form, p, seed = inputs
+        x, A, B, sparsity, form, p, seed = inputs[:7]
         ctx.save_for_backward(x, A, B)
         ctx.sparsity, ctx.form, ctx.p, ctx.seed = sparsity, form, p, seed
+        ctx.pre, ctx.n_inputs = (inputs[7] if len(inputs) > 7 else None), len(inputs)
 
     @staticmethod
     def backward(ctx, gy):
         x, A, B = ctx.saved_tensors
         s, form, p = ctx.sparsity, ctx.form, ctx.p
+        x_leaf = pre_out = None
+        if ctx.pre is not None:  # rebuild the branch input pre(x); keep its graph only to pull gx back to x
+            if ctx.needs_input_grad[0]:
+                x_leaf = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    pre_out = ctx.pre(x_leaf)
+                x = pre_out.detach()
+            else:
+                with torch.no_grad():
+                    x = ctx.pre(x)
         with torch.no_grad():
             dists = [torch.cdist(A[i], B[i], p=2) for i in range(len(ALPHAS))]
             w = dists[0] * ALPHAS[0]
@@ -147,7 +160,9 @@ class KernelDeltaFn(torch.autograd.Function):
                 ga[i] = r.sum(1, keepdim=True) * A[i] - r @ B[i]
                 gb[i] = r.sum(0).unsqueeze(1) * B[i] - r.t() @ A[i]
                 del r
-        return gx, ga, gb, None, None, None, None
+        if pre_out is not None and gx is not None:  # through the pre-op (LayerNorm / GELU backward)
+            gx = torch.autograd.grad(pre_out, x_leaf, gx)[0]
+        return (gx, ga, gb) + (None,) * (ctx.n_inputs - 3)
 
 
 class KernelDelta(nn.Module):
@@ -184,13 +199,20 @@ class KernelDelta(nn.Module):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre=None) -> torch.Tensor:
+        """drop_path(dropout(pre(x)) · ΔW^s); ``pre`` (a deterministic function of x, e.g. the frozen
+        LayerNorm or the GELU in front of this linear) is applied inside ``KernelDeltaFn``, which then
+        saves x instead of pre(x) and rebuilds pre(x) in backward (``methods.blocks.fused_mlp``)."""
         p = self.p if self.training else 0.0
         if not self.recompute:  # ablation "SNELL storing ΔW": plain autograd, ΔW kept for backward
+            x = pre(x) if pre is not None else x
             x = nn.functional.dropout(x, p, training=p > 0)
             return self.drop_path(x @ sparse_delta(kernel_delta(self.A, self.B), self.sparsity, self.form).to(x.dtype))
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
+        if pre is None:
+            y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
+        else:
+            y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed, pre)
         return self.drop_path(y)
 
     def effective_delta(self) -> torch.Tensor:
