@@ -91,78 +91,127 @@ def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) >= p
 
 
+def _delta_nograd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``kernel_delta`` (bitwise: each piece scaled, then summed) with one d_in×d_out temporary at a time."""
+    w = None
+    for p, a in enumerate(ALPHAS):
+        term = torch.cdist(A[p], B[p], p=2).mul_(a)
+        if w is None:
+            w = term
+        else:
+            w.add_(term)
+            del term
+    return w
+
+
+def _threshold(w: torch.Tensor, sparsity: float, form: str):
+    """τ of ``sparsify_threshold(|w|)`` without its index buffer: on CPU the order statistic is taken by
+    numpy's in-place partition of one scratch copy (``kthvalue`` also allocates int64 indices, 3× the
+    matrix); elsewhere ``kthvalue``. Same value either way (an order statistic is unique)."""
+    mag = w.abs().reshape(-1)
+    n = mag.numel()
+    k = int(math.floor(sparsity * (n - 1))) + 1 if form == "code" else min(n, max(1, int(math.ceil(sparsity * n))))
+    if mag.device.type == "cpu" and mag.dtype in (torch.float32, torch.float64):
+        a = mag.numpy()
+        a.partition(k - 1)
+        return torch.tensor(a[k - 1], dtype=mag.dtype)
+    return mag.kthvalue(k).values
+
+
+def _factor(w: torch.Tensor, tau, form: str) -> torch.Tensor:
+    """F (stop-gradient magnitude factor) for threshold τ; a new tensor, ``w`` untouched."""
+    mag = w.abs()
+    if form == "code":
+        return mag.mul_(mag > tau)
+    return mag.sub_(tau).clamp_min_(0)
+
+
+def _dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """keep / (1 − p) as x's dtype in one buffer (the mask of ``_dropout_keep``, same seed, same draws)."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    r = torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32).ge_(p).div_(1 - p)
+    return r if r.dtype == x.dtype else r.to(x.dtype)
+
+
 class KernelDeltaFn(torch.autograd.Function):
-    """y = dropout_p(x) · ΔW^s(A, B). Saves only x, A, B (and a seed): ΔW, the sparsity factor and the
-    dropout mask are rebuilt in backward, and the kernel's gradient is written out by hand
-    (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so backward needs a few
-    d_in×d_out buffers and no autograd graph. Distances of exactly 0 get zero gradient (as cdist)."""
+    """y = dropout_p(pre(x)) · ΔW^s(A, B), ``pre`` optional (a frozen LayerNorm / GELU, see
+    ``methods.blocks.fused_mlp``). Saves only x, A, B, a dropout seed and the threshold τ (a scalar):
+    ΔW, the sparsity factor, the dropout mask and pre(x) are rebuilt in backward, and the kernel's gradient
+    is written out by hand (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so
+    backward needs no autograd graph (but pre's) and few buffers: at most three d_in×d_out matrices and
+    two x-sized ones live at once, in forward and backward (buffers are reused in place; τ is kept from
+    forward, so backward does no order statistic). Distances of exactly 0 get zero gradient (as cdist)."""
 
     @staticmethod
-    def forward(x, A, B, sparsity: float, form: str, p: float, seed: int, pre=None):
+    def forward(ctx, x, A, B, sparsity: float, form: str, p: float, seed: int, pre=None):
         with torch.no_grad():
-            if pre is not None:  # the branch input is pre(x); only x is saved, pre(x) is rebuilt in backward
-                x = pre(x)
-            w = kernel_delta(A, B)
+            h = pre(x) if pre is not None else x
+            w = _delta_nograd(A, B)
+            tau = None
             if sparsity > 0:
-                w.mul_(_magnitude_factor(w, sparsity, form))
+                tau = _threshold(w, sparsity, form)
+                w.mul_(_factor(w, tau, form))
             if p > 0:
-                x = x * _dropout_keep(x, p, seed).to(x.dtype) / (1 - p)
-            y = x @ w.to(x.dtype)
-        return y
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, A, B, sparsity, form, p, seed = inputs[:7]
+                keep = _dropout_scale(h, p, seed)
+                h = h.mul_(keep) if pre is not None else h * keep  # pre(x) is our own buffer
+                del keep
+            y = h @ w.to(h.dtype)
         ctx.save_for_backward(x, A, B)
-        ctx.sparsity, ctx.form, ctx.p, ctx.seed = sparsity, form, p, seed
-        ctx.pre, ctx.n_inputs = (inputs[7] if len(inputs) > 7 else None), len(inputs)
+        ctx.sparsity, ctx.form, ctx.p, ctx.seed, ctx.tau, ctx.pre = sparsity, form, p, seed, tau, pre
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         x, A, B = ctx.saved_tensors
-        s, form, p = ctx.sparsity, ctx.form, ctx.p
+        form, p, tau, pre = ctx.form, ctx.p, ctx.tau, ctx.pre
+        need_x = ctx.needs_input_grad[0]
         x_leaf = pre_out = None
-        if ctx.pre is not None:  # rebuild the branch input pre(x); keep its graph only to pull gx back to x
-            if ctx.needs_input_grad[0]:
+        if pre is not None:  # rebuild pre(x); keep its graph only to pull the gradient back to x
+            if need_x:
                 x_leaf = x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    pre_out = ctx.pre(x_leaf)
-                x = pre_out.detach()
+                    pre_out = pre(x_leaf)
+                h = pre_out.detach()
             else:
                 with torch.no_grad():
-                    x = ctx.pre(x)
+                    h = pre(x)
+        else:
+            h = x
         with torch.no_grad():
-            dists = [torch.cdist(A[i], B[i], p=2) for i in range(len(ALPHAS))]
-            w = dists[0] * ALPHAS[0]
-            for a, d in zip(ALPHAS[1:], dists[1:]):
-                w.add_(d, alpha=a)
-            factor = _magnitude_factor(w, s, form) if s > 0 else None
-            keep = _dropout_keep(x, p, ctx.seed).to(x.dtype) / (1 - p) if p > 0 else None
-            gx = None
-            if ctx.needs_input_grad[0]:
-                if factor is not None:
+            keep = _dropout_scale(h, p, ctx.seed) if p > 0 else None
+            if keep is not None:  # the dropped-out input, in place where the buffer is ours
+                h = h.mul_(keep) if pre is not None else h * keep
+            g = h.reshape(-1, h.shape[-1]).t().to(A.dtype) @ gy.reshape(-1, gy.shape[-1]).to(A.dtype)
+            del h
+            w = _delta_nograd(A, B)
+            if tau is not None:
+                factor = _factor(w, tau, form)
+                g.mul_(factor)
+                if need_x:
                     w.mul_(factor)
+                del factor
+            gx = None
+            if need_x:
                 gx = gy @ w.t().to(gy.dtype)
                 if keep is not None:
-                    gx = gx.mul_(keep.to(gx.dtype))
+                    gx.mul_(keep.to(gx.dtype))
                 gx = gx.to(x.dtype)
-            del w
-            xd = x * keep if keep is not None else x
-            g = xd.reshape(-1, xd.shape[-1]).t().to(A.dtype) @ gy.reshape(-1, gy.shape[-1]).to(A.dtype)
-            del xd, keep
-            if factor is not None:
-                g.mul_(factor)
-                del factor
+            del w, keep
             ga, gb = torch.empty_like(A), torch.empty_like(B)
-            for i, (a, d) in enumerate(zip(ALPHAS, dists)):
-                r = torch.div(g, d)
-                r.masked_fill_(d == 0, 0).mul_(a)
+            for i, a in enumerate(ALPHAS):
+                d = torch.cdist(A[i], B[i], p=2)
+                zero = d == 0
+                r = torch.div(g, d, out=d)  # R = G / D_p, in d's buffer
+                r.masked_fill_(zero, 0).mul_(a)
+                del zero
                 ga[i] = r.sum(1, keepdim=True) * A[i] - r @ B[i]
                 gb[i] = r.sum(0).unsqueeze(1) * B[i] - r.t() @ A[i]
-                del r
+                del r, d
+            del g
         if pre_out is not None and gx is not None:  # through the pre-op (LayerNorm / GELU backward)
             gx = torch.autograd.grad(pre_out, x_leaf, gx)[0]
-        return (gx, ga, gb) + (None,) * (ctx.n_inputs - 3)
+        return gx, ga, gb, None, None, None, None, None
 
 
 class KernelDelta(nn.Module):
