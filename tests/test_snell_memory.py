@@ -158,8 +158,12 @@ def test_falls_back_where_fusing_is_not_safe():
     assert isinstance(blk2.norm2, torch.nn.LayerNorm)
 
 
-@pytest.mark.parametrize("pre", ["layer_norm", "gelu", "gelu_tanh"])
-def test_kernel_fn_with_pre_matches_autograd_reference(pre):
+@pytest.mark.parametrize("block", [1 << 19, 50])  # one block of ΔW rows / 2 rows per block (8 blocks)
+@pytest.mark.parametrize("pre", [None, "layer_norm", "gelu", "gelu_tanh"])
+def test_kernel_fn_with_pre_matches_autograd_reference(pre, block, monkeypatch):
+    from methods.blocks import kernel_lora
+
+    monkeypatch.setattr(kernel_lora, "_BLOCK_ELEMS", block)
     torch.manual_seed(3)
     x = torch.randn(3, 5, 16, dtype=torch.double, requires_grad=True)
     A = torch.randn(2, 16, 4, dtype=torch.double, requires_grad=True)
@@ -168,16 +172,16 @@ def test_kernel_fn_with_pre_matches_autograd_reference(pre):
     w, b = torch.randn(16, dtype=torch.double), torch.randn(16, dtype=torch.double)
     fns = {"layer_norm": lambda t: torch.nn.functional.layer_norm(t, (16,), w, b, 1e-6),
            "gelu": torch.nn.functional.gelu,
-           "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+           "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), None: None}
     fn = fns[pre]
-    for s, p in ((0.0, 0.0), (0.6, 0.3)):
+    for s, p, form in ((0.0, 0.0, "code"), (0.6, 0.3, "code"), (0.6, 0.3, "paper")):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = KernelDeltaFn.apply(x, A, Bf, s, "code", p, 99, fn)
+            y = KernelDeltaFn.apply(x, A, Bf, s, form, p, 99, fn)
         assert {t.data_ptr() for t in saved} == {x.data_ptr(), A.data_ptr(), Bf.data_ptr()}  # not pre(x)
         gx, ga, gb = torch.autograd.grad(y, (x, A, Bf), g)
-        h = fn(x)
+        h = fn(x) if fn is not None else x
         hd = h * _dropout_keep(h, p, 99).double() / (1 - p) if p else h
-        ref = hd @ sparse_delta(kernel_delta(A, Bf), s)
+        ref = hd @ sparse_delta(kernel_delta(A, Bf), s, form)
         rx, ra, rb = torch.autograd.grad(ref, (x, A, Bf), g)
         assert torch.allclose(y, ref) and torch.allclose(gx, rx) and torch.allclose(ga, ra) and torch.allclose(gb, rb)

@@ -88,7 +88,10 @@ class PreDeltaLinear(DeltaLinear):
         y = self.base(run(x))
         for name, delta in self.deltas.items():
             s = self.slices[name]
-            y[..., s] = y[..., s] + delta(x, pre=run)
+            if s.start in (0, None) and s.stop == y.shape[-1]:
+                y.add_(delta(x, pre=run))  # same values as DeltaLinear's y[..., s] = y[..., s] + d, no copy
+            else:
+                y[..., s] = y[..., s] + delta(x, pre=run)
         return y
 
     def extra_repr(self) -> str:
