@@ -86,17 +86,9 @@ def sparse_delta(w: torch.Tensor, sparsity: float, form: str = "code") -> torch.
     return w * factor
 
 
-def _magnitude_factor(w: torch.Tensor, sparsity: float, form: str) -> torch.Tensor:
-    """stopgrad factor F with ΔW^s = ΔW ⊙ F (a new tensor; ``w`` is left untouched)."""
-    mag = w.abs()
-    tau = sparsify_threshold(mag, sparsity, form)
-    if form == "code":
-        return mag.mul_(mag > tau)
-    return mag.sub_(tau).clamp_min_(0)
-
-
 def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The dropout keep-mask, regenerated from ``seed`` (so it is never stored)."""
+    """The dropout keep-mask, regenerated from ``seed`` (so it is never stored); the reference for tests,
+    ``_drop_mask`` is its complement."""
     g = torch.Generator(device=x.device)
     g.manual_seed(seed)
     return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) >= p
