@@ -27,6 +27,12 @@ the MLP is timm's ``Mlp`` (fc1 → act → drop1 → norm → fc2 → drop2) wit
 has no ``mlp_*`` extension (those receive norm2's output, which the stand-in no longer produces); fc1/fc2 are
 ``DeltaLinear`` over frozen linears. ``merge_wrappers`` restores the plain modules: each ``Deferred`` returns
 the original module from ``merged()``, each ``PreDeltaLinear`` folds its deltas into its base linear.
+Caveat: an ``mlp_*`` extension added to a block *after* it was fused would receive x, not norm2(x).
+
+Not in the official SNELL code (its branches sit on the linears under ``torch.utils.checkpoint``); this is a
+memory-only change. Unlike a single Function for the whole "norm → fc1 + branch" (or "GELU → fc2 + branch"),
+the frozen path stays under autograd here: the forward ops are then literally those of the unfused form
+(bitwise-equal outputs) and the frozen op still saves nothing new, so one Function would save no more.
 """
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ class KernelDeltaFn(torch.autograd.Function):
                 gx = gx2.reshape(*gy.shape[:-1], d_in)
                 if drop is not None:
                     gx = gx.masked_fill_(drop, 0).div_(1 - p)
-                gx = gx.to(x.dtype)
+                gx = gx.to(pre_out.dtype if pre_out is not None else x.dtype)
             del drop
         if pre_out is not None and gx is not None:  # through the pre-op (LayerNorm / GELU backward)
             gx = torch.autograd.grad(pre_out, x_leaf, gx)[0]
