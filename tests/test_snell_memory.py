@@ -59,6 +59,7 @@ def test_fused_equals_unfused_outputs_and_every_gradient(train):
     fo, fg, fm, fmodel = _run(True, train)
     uo, ug, um, _ = _run(False, train)
     assert fm.fused == {0: ("fc1", "fc2"), 1: ("fc1", "fc2")} and um.fused == {}
+    assert fm.describe()["fused_mlp_blocks"] == DEPTH and um.describe()["fused_mlp_blocks"] == 0
     assert isinstance(fmodel.blocks[0].norm2, Deferred) and isinstance(fmodel.blocks[1].mlp.fc2, PreDeltaLinear)
     assert torch.equal(fo, uo)  # same ops on the same values in forward
     assert set(fg) == set(ug) and len(fg) == 2 * DEPTH * 6 + 3  # A, B × 6 linears × depth + cls, head w/b
