@@ -18,13 +18,24 @@ magnitude (the paper's definition; the stop-gradient on the factor is kept as in
 kernelised LoRA (the official ``KLoRA`` class: ΔW used as is, no magnitude factor).
 
 Memory: ``KernelDeltaFn`` is a custom autograd function that saves only the branch input x, the
-factors A, B and a dropout seed; ΔW, the sparsity factor and the input-dropout mask are rebuilt in
-backward, and the kernel gradient is written out by hand (no autograd graph, a few d_in×d_out buffers).
+factors A, B, a dropout seed and the threshold τ (a scalar); ΔW, the sparsity factor and the input-dropout
+mask are rebuilt in backward, and the kernel gradient is written out by hand (no autograd graph).
 The official code gets the recomputation from ``torch.utils.checkpoint`` (which still stores each
 branch's dropped-out input copy); unlike its reentrant checkpoint (SNELL class), ours gives the factors
 a gradient even when x does not require grad (the official code's failure on Swin/ConvNeXt). The input
 dropout lives inside the function (same distribution as ``nn.Dropout``: zero with probability p, scale
 1/(1−p); masks drawn from a per-call seed taken from torch's default generator).
+
+Transient memory (what the CPU step benchmark's peak RSS sees): on CPU, ΔW, the factor, ∂L/∂ΔW and the
+per-piece ratios are built one block of d_in rows at a time (``_BLOCK_ELEMS`` = 2¹⁹ entries), so a
+768×3072 branch never holds more than one full-size scratch (|ΔW| for τ, forward only; τ is reused in
+backward, so backward does no order statistic); τ comes from numpy's in-place partition instead of
+``kthvalue`` (which allocates an int64 index buffer twice the matrix); the dropout mask is a bool tensor and
+the dropped-out input is written in place where the buffer is the function's own (``pre``); DropPath
+multiplies the fresh branch output in place. Block-wise sums change float summation order only (outputs
+equal the one-block form to ~1e-7 relative). With ``pre`` (a frozen LayerNorm or GELU in front of the
+linear, ``methods.blocks.fused_mlp``) the function takes that op's input, saves it instead of the op's
+output and rebuilds the output in backward.
 """
 from __future__ import annotations
 
@@ -75,79 +86,167 @@ def sparse_delta(w: torch.Tensor, sparsity: float, form: str = "code") -> torch.
     return w * factor
 
 
-def _magnitude_factor(w: torch.Tensor, sparsity: float, form: str) -> torch.Tensor:
-    """stopgrad factor F with ΔW^s = ΔW ⊙ F (a new tensor; ``w`` is left untouched)."""
-    mag = w.abs()
-    tau = sparsify_threshold(mag, sparsity, form)
-    if form == "code":
-        return mag.mul_(mag > tau)
-    return mag.sub_(tau).clamp_min_(0)
-
-
 def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The dropout keep-mask, regenerated from ``seed`` (so it is never stored)."""
+    """The dropout keep-mask, regenerated from ``seed`` (so it is never stored); the reference for tests,
+    ``_drop_mask`` is its complement."""
     g = torch.Generator(device=x.device)
     g.manual_seed(seed)
     return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) >= p
 
 
+_BLOCK_ELEMS = 1 << 19  # ΔW is handled in blocks of d_in rows of at most this many entries (2 MiB in fp32)
+
+
+def _row_blocks(x: torch.Tensor, d_in: int, d_out: int) -> list:
+    """Row blocks of ΔW: several on CPU in fp32 (bounded temporaries), one elsewhere (CUDA under autocast:
+    a single ``x @ ΔW`` as before; the caching allocator reuses the buffers)."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return [slice(0, d_in)]
+    step = max(1, _BLOCK_ELEMS // max(1, d_out))
+    return [slice(i, min(i + step, d_in)) for i in range(0, d_in, step)]
+
+
+def _delta_rows(A: torch.Tensor, B: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of ΔW with ``kernel_delta``'s arithmetic (each piece scaled, then summed)."""
+    w = None
+    for p, a in enumerate(ALPHAS):
+        term = torch.cdist(A[p, rows], B[p], p=2).mul_(a)
+        if w is None:
+            w = term
+        else:
+            w.add_(term)
+            del term
+    return w
+
+
+def _threshold(A: torch.Tensor, B: torch.Tensor, blocks: list, sparsity: float, form: str):
+    """τ of ``sparsify_threshold`` from one scratch |ΔW| buffer, without ``kthvalue``'s int64 index
+    buffer (twice the matrix) on CPU: numpy's in-place partition gives the same order statistic."""
+    mag = torch.empty(A.shape[1], B.shape[1], dtype=A.dtype, device=A.device)
+    for rows in blocks:
+        mag[rows] = _delta_rows(A, B, rows).abs_()
+    flat = mag.reshape(-1)
+    n = flat.numel()
+    k = int(math.floor(sparsity * (n - 1))) + 1 if form == "code" else min(n, max(1, int(math.ceil(sparsity * n))))
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        a = flat.numpy()
+        a.partition(k - 1)
+        return torch.tensor(a[k - 1], dtype=flat.dtype)
+    return flat.kthvalue(k).values
+
+
+def _factor(w: torch.Tensor, tau, form: str) -> torch.Tensor:
+    """F (stop-gradient magnitude factor) for threshold τ; a new tensor, ``w`` untouched."""
+    mag = w.abs()
+    if form == "code":
+        return mag.mul_(mag > tau)
+    return mag.sub_(tau).clamp_min_(0)
+
+
+def _drop_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Where ``_dropout_keep`` (same seed, same draws) drops: a bool tensor."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) < p
+
+
 class KernelDeltaFn(torch.autograd.Function):
-    """y = dropout_p(x) · ΔW^s(A, B). Saves only x, A, B (and a seed): ΔW, the sparsity factor and the
-    dropout mask are rebuilt in backward, and the kernel's gradient is written out by hand
-    (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so backward needs a few
-    d_in×d_out buffers and no autograd graph. Distances of exactly 0 get zero gradient (as cdist)."""
+    """y = dropout_p(pre(x)) · ΔW^s(A, B), ``pre`` optional (a frozen LayerNorm / GELU, see
+    ``methods.blocks.fused_mlp``). Saves only x, A, B, a dropout seed and the threshold τ (a scalar):
+    ΔW, the sparsity factor, the dropout mask and pre(x) are rebuilt in backward, and the kernel's gradient
+    is written out by hand (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so
+    backward needs no autograd graph (but pre's). Temporaries are kept small: on CPU, ΔW, F, G and R are
+    only ever built a block of rows at a time (``_row_blocks``; forward needs one full |ΔW| scratch for
+    the order statistic τ, backward reuses τ from forward), the dropout mask is a bool tensor, and the
+    dropped-out pre(x) is written in place. Distances of exactly 0 get zero gradient (as cdist)."""
 
     @staticmethod
-    def forward(x, A, B, sparsity: float, form: str, p: float, seed: int):
+    def forward(ctx, x, A, B, sparsity: float, form: str, p: float, seed: int, pre=None):
         with torch.no_grad():
-            w = kernel_delta(A, B)
-            if sparsity > 0:
-                w.mul_(_magnitude_factor(w, sparsity, form))
+            d_in, d_out = A.shape[1], B.shape[1]
+            blocks = _row_blocks(x, d_in, d_out)
+            tau = _threshold(A, B, blocks, sparsity, form) if sparsity > 0 else None
+            h = pre(x) if pre is not None else x
             if p > 0:
-                x = x * _dropout_keep(x, p, seed).to(x.dtype) / (1 - p)
-            y = x @ w.to(x.dtype)
-        return y
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, A, B, sparsity, form, p, seed = inputs
+                drop = _drop_mask(h, p, seed)
+                h = (h.masked_fill_(drop, 0) if pre is not None else h.masked_fill(drop, 0)).div_(1 - p)
+                del drop
+            h2 = h.reshape(-1, d_in)
+            # y is a fresh tensor, not a view (DropPath multiplies it in place); blocks accumulate into it
+            y = torch.empty(*h.shape[:-1], d_out, dtype=h.dtype, device=h.device) if len(blocks) > 1 else None
+            for j, rows in enumerate(blocks):
+                w = _delta_rows(A, B, rows)
+                if tau is not None:
+                    w.mul_(_factor(w, tau, form))
+                w = w.to(h.dtype)
+                if y is None:
+                    y = h @ w  # one block (CUDA / autocast): a single product, as before
+                elif j == 0:
+                    torch.mm(h2[:, rows], w, out=y.view(-1, d_out))
+                else:
+                    y.view(-1, d_out).addmm_(h2[:, rows], w)
+                del w
         ctx.save_for_backward(x, A, B)
-        ctx.sparsity, ctx.form, ctx.p, ctx.seed = sparsity, form, p, seed
+        ctx.sparsity, ctx.form, ctx.p, ctx.seed, ctx.tau, ctx.pre = sparsity, form, p, seed, tau, pre
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         x, A, B = ctx.saved_tensors
-        s, form, p = ctx.sparsity, ctx.form, ctx.p
+        form, p, tau, pre = ctx.form, ctx.p, ctx.tau, ctx.pre
+        need_x = ctx.needs_input_grad[0]
+        x_leaf = pre_out = None
+        if pre is not None:  # rebuild pre(x); keep its graph only to pull the gradient back to x
+            if need_x:
+                x_leaf = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    pre_out = pre(x_leaf)
+                h = pre_out.detach()
+            else:
+                with torch.no_grad():
+                    h = pre(x)
+        else:
+            h = x
         with torch.no_grad():
-            dists = [torch.cdist(A[i], B[i], p=2) for i in range(len(ALPHAS))]
-            w = dists[0] * ALPHAS[0]
-            for a, d in zip(ALPHAS[1:], dists[1:]):
-                w.add_(d, alpha=a)
-            factor = _magnitude_factor(w, s, form) if s > 0 else None
-            keep = _dropout_keep(x, p, ctx.seed).to(x.dtype) / (1 - p) if p > 0 else None
+            d_in, d_out = A.shape[1], B.shape[1]
+            drop = _drop_mask(h, p, ctx.seed) if p > 0 else None
+            if drop is not None:  # the dropped-out input, in place where the buffer is ours
+                h = (h.masked_fill_(drop, 0) if pre is not None else h.masked_fill(drop, 0)).div_(1 - p)
+            h2, g2 = h.reshape(-1, d_in), gy.reshape(-1, d_out)
+            gx2 = torch.empty(h2.shape[0], d_in, dtype=gy.dtype, device=gy.device) if need_x else None
+            ga, gb = torch.zeros_like(A), torch.zeros_like(B)
+            for rows in _row_blocks(x, d_in, d_out):
+                w = _delta_rows(A, B, rows)
+                g = h2[:, rows].t().to(A.dtype) @ g2.to(A.dtype)  # ∂L/∂ΔW, these rows
+                if tau is not None:
+                    f = _factor(w, tau, form)
+                    g.mul_(f)
+                    if need_x:
+                        w.mul_(f)
+                    del f
+                if need_x:
+                    gx2[:, rows] = g2 @ w.t().to(g2.dtype)
+                del w
+                for i, a in enumerate(ALPHAS):
+                    d = torch.cdist(A[i, rows], B[i], p=2)
+                    zero = d == 0
+                    r = torch.div(g, d, out=d).masked_fill_(zero, 0).mul_(a)  # R = G / D_p, in d's buffer
+                    del zero
+                    ga[i, rows] = r.sum(1, keepdim=True) * A[i, rows] - r @ B[i]
+                    gb[i] += r.sum(0).unsqueeze(1) * B[i] - r.t() @ A[i, rows]
+                    del r, d
+                del g
+            del h, h2
             gx = None
-            if ctx.needs_input_grad[0]:
-                if factor is not None:
-                    w.mul_(factor)
-                gx = gy @ w.t().to(gy.dtype)
-                if keep is not None:
-                    gx = gx.mul_(keep.to(gx.dtype))
-                gx = gx.to(x.dtype)
-            del w
-            xd = x * keep if keep is not None else x
-            g = xd.reshape(-1, xd.shape[-1]).t().to(A.dtype) @ gy.reshape(-1, gy.shape[-1]).to(A.dtype)
-            del xd, keep
-            if factor is not None:
-                g.mul_(factor)
-                del factor
-            ga, gb = torch.empty_like(A), torch.empty_like(B)
-            for i, (a, d) in enumerate(zip(ALPHAS, dists)):
-                r = torch.div(g, d)
-                r.masked_fill_(d == 0, 0).mul_(a)
-                ga[i] = r.sum(1, keepdim=True) * A[i] - r @ B[i]
-                gb[i] = r.sum(0).unsqueeze(1) * B[i] - r.t() @ A[i]
-                del r
-        return gx, ga, gb, None, None, None, None
+            if need_x:
+                gx = gx2.reshape(*gy.shape[:-1], d_in)
+                if drop is not None:
+                    gx = gx.masked_fill_(drop, 0).div_(1 - p)
+                gx = gx.to(pre_out.dtype if pre_out is not None else x.dtype)
+            del drop
+        if pre_out is not None and gx is not None:  # through the pre-op (LayerNorm / GELU backward)
+            gx = torch.autograd.grad(pre_out, x_leaf, gx)[0]
+        return gx, ga, gb, None, None, None, None, None
 
 
 class KernelDelta(nn.Module):
@@ -184,14 +283,33 @@ class KernelDelta(nn.Module):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre=None) -> torch.Tensor:
+        """drop_path(dropout(pre(x)) · ΔW^s); ``pre`` (a deterministic function of x, e.g. the frozen
+        LayerNorm or the GELU in front of this linear) is applied inside ``KernelDeltaFn``, which then
+        saves x instead of pre(x) and rebuilds pre(x) in backward (``methods.blocks.fused_mlp``)."""
         p = self.p if self.training else 0.0
         if not self.recompute:  # ablation "SNELL storing ΔW": plain autograd, ΔW kept for backward
+            x = pre(x) if pre is not None else x
             x = nn.functional.dropout(x, p, training=p > 0)
             return self.drop_path(x @ sparse_delta(kernel_delta(self.A, self.B), self.sparsity, self.form).to(x.dtype))
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
-        return self.drop_path(y)
+        if pre is None:
+            y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed)
+        else:
+            y = KernelDeltaFn.apply(x, self.A, self.B, self.sparsity, self.form, p, seed, pre)
+        return self._drop_path_(y)
+
+    def _drop_path_(self, y: torch.Tensor) -> torch.Tensor:
+        """timm's DropPath (same draws, same values), applied in place on the fresh branch output."""
+        dp = self.drop_path
+        prob = getattr(dp, "drop_prob", 0.0)
+        if not self.training or not prob or type(dp).__name__ != "DropPath":
+            return dp(y)
+        keep = 1 - prob
+        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        if keep > 0 and getattr(dp, "scale_by_keep", True):
+            mask.div_(keep)
+        return y.mul_(mask)
 
     def effective_delta(self) -> torch.Tensor:
         """ΔW^s in the official d_in × d_out orientation (no graph)."""
