@@ -67,3 +67,9 @@ def test_adapter_is_sequential_after_mlp():
     model, _ = build("adapter")
     ad = model.blocks[1].petl["mlp_after"][0]
     assert ad.f.down.out_features == 8 and torch.count_nonzero(ad.f.up.weight) == 0
+
+
+def test_params_on_vtab_cifar100_config():
+    """Issue 3: the VTAB dataset config sets the head size (100 classes) without any data."""
+    rep = vit_b16_params("lora", "dataset=vtab/cifar100")
+    assert rep["trainable_params"] == 294_912 and rep["head_params"] == 76_900
