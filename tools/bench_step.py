@@ -234,7 +234,10 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
         f"- {a.steps} timed steps after {a.warmup} warm-up steps; forward + backward + optimizer step (AdamW), "
         "median ms/step; " + ("all methods in one process (--in-process: memory not isolated between methods)"
                               if a.in_process else "each method in a fresh process"),
-        "- memory: " + "; ".join(mem_text.get(k, k) for k in mem_kinds),
+        "- memory: " + "; ".join(mem_text.get(k, k) for k in mem_kinds)
+        + ("; † data-dependent method, prepared before the peak was reset: the steps may reuse memory that"
+           " preparation freed, so its CPU growth can read low" if any(k.startswith("cpu") for k in mem_kinds)
+           and any(r.get("prepared") for r in ok.values()) else ""),
         f"- written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
         + (f"; overrides: {' '.join(a.set)}" if a.set else ""),
         "",
@@ -248,7 +251,8 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
         ms = r["ms_per_step"]
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {ms:.1f} | {_fmt_ratio(ms / full if full else None)} | "
-            f"{_fmt_ratio(ms / lin if lin else None)} | {r['peak_mem_mb']:.0f} |"
+            f"{_fmt_ratio(ms / lin if lin else None)} | {r['peak_mem_mb']:.0f}"
+            f"{' †' if r.get('prepared') and str(r.get('mem_kind', '')).startswith('cpu') else ''} |"
         )
     return "\n".join(lines) + "\n"
 
