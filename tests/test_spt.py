@@ -43,6 +43,7 @@ def b16_meta():
 def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, chunk, ratio):
     monkeypatch.setattr(sd, "CHUNK_ELEMS", chunk)  # 7: many chunks
     monkeypatch.setattr(sd, "GATHER_RATIO", ratio)  # 16: 17 of 120 positions form W + scatter(Δ); 1: gather path
+    monkeypatch.setattr(sd, "TOKEN_BUDGET", 1e9)  # let GATHER_RATIO alone pick the path at this tiny size
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10).requires_grad_(False)
     bidx = torch.tensor([1, 4, 9])
@@ -70,11 +71,19 @@ def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, ch
     assert base.weight.grad is None and base.bias.grad is None
 
 
+def test_gather_only_while_cheaper_than_forming_the_weight():
+    """ViT-B 768×768 with 300 positions: gather for a few images, form W + scatter(Δ) at batch 32 (6,304 tokens)."""
+    assert sd._use_gather(300, 768 * 768, tokens=197)
+    assert not sd._use_gather(300, 768 * 768, tokens=32 * 197)
+    assert not sd._use_gather(768 * 768 // 8, 768 * 768, tokens=1)  # many positions: always the dense form
+
+
 @pytest.mark.parametrize("chunk", [sd.CHUNK_ELEMS, 5])
 def test_row_regular_sparse_delta_equals_dense(monkeypatch, chunk):
     """k positions in every row (GPS): the reshape-sum path gives the dense reference's outputs and grads."""
     monkeypatch.setattr(sd, "CHUNK_ELEMS", chunk)
     monkeypatch.setattr(sd, "GATHER_RATIO", 1)  # 30 of 120 positions: take the gather path
+    monkeypatch.setattr(sd, "TOKEN_BUDGET", 1e9)
     torch.manual_seed(2)
     base = torch.nn.Linear(12, 10).requires_grad_(False)
     cols = torch.stack([torch.randperm(12)[:3] for _ in range(10)])

@@ -12,9 +12,10 @@ as an elementwise gather-product-sum over the tokens, in chunks of positions so 
 most ``CHUNK_ELEMS`` numbers. No dense d_out×d_in weight gradient is ever formed, and neither is the
 nnz×nnz product of SPT's official ``LinearSPTSparseGrad`` (it takes the diagonal of an nnz×nnz matrix,
 O(nnz²) memory; see specs/spt_snell_arc.md §1.5 item 8). With few positions (nnz ≤ d_out·d_in/16, the
-SPT/GPS case) the delta's contribution to y and to grad_x is gathered (O(tokens·nnz)) and W + scatter(Δ)
-is never formed; with many, the effective weight is formed in forward and recomputed in backward (one
-d_out×d_in temporary, as in the official code, never saved).
+SPT/GPS case) and few tokens (tokens·nnz ≤ d_out·d_in) the delta's contribution to y and to grad_x is
+gathered and W + scatter(Δ) is never formed; otherwise the effective weight is formed in forward and
+recomputed in backward (one d_out×d_in temporary, as in the official code, never saved): at training batch
+sizes the gather costs more than the copy.
 
 With Δ = 0 the output is bit-identical to the frozen linear (W + 0 = W exactly, then the same
 ``F.linear``). ``merged()`` folds the deltas into the base linear exactly.
@@ -47,12 +48,15 @@ def sparse_delta_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols
     return out
 
 
-def _use_gather(nnz: int, numel: int) -> bool:
-    """Few positions: add Δ's contribution by gathering (O(tokens·nnz)) instead of forming W + scatter(Δ)."""
-    return nnz * GATHER_RATIO <= numel
+def _use_gather(nnz: int, numel: int, tokens: int) -> bool:
+    """Add Δ's contribution by gathering (O(tokens·nnz) random accesses, forward and backward) only when that
+    is cheaper than forming W + scatter(Δ) (O(numel), once in forward and once in backward): few positions
+    AND few tokens. At ViT-B batch 32 (6,304 tokens) the dense form wins for all but a handful of positions."""
+    return nnz * GATHER_RATIO <= numel and nnz * tokens <= numel * TOKEN_BUDGET
 
 
 GATHER_RATIO = 16
+TOKEN_BUDGET = 1.0  # gather while tokens·nnz ≤ TOKEN_BUDGET·numel
 
 
 def regular_delta_grad(g: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,7 +80,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0):
         ctx.save_for_backward(x, delta, weight, index, rows, cols)
         ctx.has_bias = bias is not None
-        ctx.gather = _use_gather(index.numel(), weight.numel())
+        ctx.gather = _use_gather(index.numel(), weight.numel(), x.numel() // max(1, x.shape[-1]))
         ctx.row_k = row_k
         if ctx.gather and row_k:  # exactly row_k positions in every row (GPS): a reshape-sum, no scatter
             y = F.linear(x, weight.to(x.dtype), bias)
