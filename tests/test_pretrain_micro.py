@@ -25,3 +25,26 @@ def test_pretraining_is_reproducible_and_loadable(tmp_path):
     own = model.state_dict()
     assert all(torch.equal(own[k], v.float()) for k, v in saved.items())
     assert not any(k.startswith("head.") for k in saved)
+
+
+def test_committed_checkpoint_matches_its_json_and_loads():
+    """The shipped FractalDB-pretrained vit_micro: sha256 as recorded, loads into the vit_micro config."""
+    import hashlib
+
+    import pytest
+
+    from tools.pretrain_micro import OUT
+
+    if not OUT.is_file():
+        pytest.skip("no pretrained vit_micro committed yet")
+    meta = json.loads(OUT.with_suffix(".json").read_text())
+    assert hashlib.sha256(OUT.read_bytes()).hexdigest() == meta["sha256"]
+    assert meta["generator"]["classes"] >= 100 and meta["heldout_top1"] > 10.0  # far above 1 % chance
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / "vit_micro.yaml")
+    cfg.checkpoint = str(OUT)
+    model = backbones.build(cfg, num_classes=16)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(OUT))
+    own = model.state_dict()
+    assert len(saved) == len(own) - 2 and all(torch.equal(own[k], v.float()) for k, v in saved.items())
