@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.blocks.merge import WrapsLinear
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's QuickGELU, x·σ(1.702x) (used by Convpass and NOAH's adapter)."""
@@ -81,7 +83,7 @@ class AffineBottleneck(nn.Module):
         return w, b
 
 
-class InputAdapterLinear(nn.Module):
+class InputAdapterLinear(WrapsLinear, nn.Module):
     """y = base(x + f(x)): a residual affine adapter on the input of a frozen linear (RepAdapter).
 
     ``merged()``: base(x + W_f x + b_f) = W (I + W_f) x + (W b_f + b).
@@ -93,13 +95,6 @@ class InputAdapterLinear(nn.Module):
         self.f = f
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x + self.f(x))
@@ -119,7 +114,7 @@ class InputAdapterLinear(nn.Module):
         return base
 
 
-class BranchedLinear(nn.Module):
+class BranchedLinear(WrapsLinear, nn.Module):
     """y = base(x) + par(x) + seq(base(x)) (Hydra's parallel and sequential branches on one linear).
 
     ``merged()``: W' = W + W_p + W_s W, b' = b + b_p + W_s b + b_s.
@@ -132,13 +127,6 @@ class BranchedLinear(nn.Module):
         self.seq = seq
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.blocks.merge import WrapsLinear
+
 
 def qkv_slices(dim: int, targets) -> dict[str, slice]:
     """Output-row slices of a fused qkv linear for the chosen targets among q, k, v."""
@@ -41,7 +43,7 @@ class LowRank(nn.Module):
         return (self.B @ self.A) * self.scale
 
 
-class DeltaLinear(nn.Module):
+class DeltaLinear(WrapsLinear, nn.Module):
     """A frozen ``base`` linear plus deltas, each added to a slice of the output rows.
 
     ``deltas`` maps a name to a module with ``forward(x)`` (the delta output for its slice) and
@@ -55,13 +57,6 @@ class DeltaLinear(nn.Module):
         self.slices = dict(slices)
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:  # some code reads linear.weight (e.g. dtype checks)
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

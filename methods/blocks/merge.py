@@ -17,3 +17,16 @@ def merge_wrappers(model: nn.Module) -> int:
         else:
             count += merge_wrappers(child)
     return count
+
+
+class WrapsLinear:
+    """Mixin for modules wrapping a frozen linear as ``self.base``: code that reads ``linear.weight`` /
+    ``linear.bias`` (dtype/device checks, other methods' sites) sees the base linear's tensors."""
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.blocks.merge import WrapsLinear
+
 CHUNK_ELEMS = 1 << 22  # largest (tokens × positions) temporary in the delta gradient
 
 
@@ -118,7 +120,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, grad_delta, grad_bias, None, None, None, None, None
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(WrapsLinear, nn.Module):
     """A frozen ``base`` linear plus trainable sparse deltas on chosen weight and bias positions.
 
     ``weight_index``: flat positions into ``base.weight`` (row·in_features + col);
@@ -167,13 +169,6 @@ class SparseDeltaLinear(nn.Module):
                 raise ValueError(f"{what} has duplicate positions")
         return index.to(device)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
 
     @property
     def nnz(self) -> int:
