@@ -57,7 +57,7 @@ budget error. ``export_official()`` writes the selection in the official file la
 Modules (§1.2), r = 8, both identity at init (``identity_at_init``):
 
 * ``spt_lora`` (parallel): ΔW = B·A, A kaiming-uniform(√5), B = 0, scale 1, no bias. The branch input is
-  the linear's input with Dropout(``dropout`` = 0.1) for q/k/v/fc1/fc2 and without dropout for proj;
+  the linear's input with Dropout(``dropout`` = 0.1, ``methods.blocks.dropout``: p within 2⁻¹⁷) for q/k/v/fc1/fc2 and without dropout for proj;
   each branch output has DropPath(``drop_path`` = 0.1). Mergeable: LoRA and sparse deltas fold exactly.
 * ``spt_adapter`` (sequential on the linear's output): h ← h + DP(up(GELU(down(Dropout(h))))) with
   biases, up = 0; proj's adapter is parallel on the attention output (proj's input, no dropout).
@@ -93,6 +93,7 @@ from torch import nn
 
 from backbones import Sites, sites as get_sites
 from methods.base import Method, NotMergeableError, register
+from methods.blocks.dropout import dropout as make_dropout
 from methods.blocks.sparse_delta import SparseDeltaLinear
 
 log = logging.getLogger(__name__)
@@ -423,7 +424,10 @@ def selection_to_official(sel: Selection, entries: list[Entry], variant: str, ra
 # modules
 # ------------------------------------------------------------------------------------------------
 class LoRABranch(nn.Module):
-    """DP(B·A·Dropout(x)), A kaiming-uniform(√5), B = 0, scale 1, no bias (official StructuredTuningModule)."""
+    """DP(B·A·Dropout(x)), A kaiming-uniform(√5), B = 0, scale 1, no bias (official StructuredTuningModule).
+
+    DropPath scales whole samples, so it is applied to the rank-r intermediate: B·DP(A·z) = DP(B·A·z) with
+    an r-wide instead of a d_out-wide multiply."""
 
     def __init__(self, d_in, d_out, rank, dropout, drop_path, device=None):
         super().__init__()
@@ -431,11 +435,11 @@ class LoRABranch(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, rank, device=device))
         if self.A.device.type != "meta":
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = make_dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
-        return self.drop_path(F.linear(F.linear(self.drop(x), self.A), self.B))
+        return F.linear(self.drop_path(F.linear(self.drop(x), self.A)), self.B)
 
     def delta_weight(self):
         return self.B @ self.A
@@ -452,7 +456,7 @@ class AdapterBranch(nn.Module):
         self.up = nn.Linear(rank, dim, device=device)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = make_dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, h):

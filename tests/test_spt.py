@@ -39,9 +39,11 @@ def b16_meta():
 
 
 # -- sparse delta ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk,ratio", [(sd.CHUNK_ELEMS, 16), (7, 16), (sd.CHUNK_ELEMS, 1), (7, 1)])
-def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, chunk, ratio):
+@pytest.mark.parametrize("chunk,ratio,block", [(sd.CHUNK_ELEMS, 16, 1e9), (7, 16, 1e9), (sd.CHUNK_ELEMS, 1, 1e9),
+                                               (7, 1, 1e9), (sd.CHUNK_ELEMS, 16, 1)])
+def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, chunk, ratio, block):
     monkeypatch.setattr(sd, "CHUNK_ELEMS", chunk)  # 7: many chunks
+    monkeypatch.setattr(sd, "BLOCK_RATIO", block)  # 1: the sub-block route, 1e9: never
     monkeypatch.setattr(sd, "GATHER_RATIO", ratio)  # 16: 17 of 120 positions form W + scatter(Δ); 1: gather path
     monkeypatch.setattr(sd, "TOKEN_BUDGET", 1e9)  # let GATHER_RATIO alone pick the path at this tiny size
     torch.manual_seed(0)
@@ -69,6 +71,23 @@ def test_sparse_delta_equals_dense_scatter_outputs_and_gradients(monkeypatch, ch
     assert torch.allclose(m.delta.grad, dw.grad, atol=1e-5)
     assert torch.allclose(m.bias_delta.grad, db.grad, atol=1e-5)
     assert base.weight.grad is None and base.bias.grad is None
+
+
+def test_sub_block_route_for_clustered_positions():
+    """Positions in 40 rows x 30 columns of a 768x768 matrix take the sub-block route at any token count;
+    30,000 positions spread over all rows and columns form W + scatter(Δ)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randperm(768, generator=g)[:40]
+    cols = torch.randperm(768, generator=g)[:30]
+    idx = (rows[torch.randint(0, 40, (600,), generator=g)] * 768 + cols[torch.randint(0, 30, (600,), generator=g)]).unique()
+    m = SparseDeltaLinear(torch.nn.Linear(768, 768), idx)
+    u, v, loc = m.block_rows, m.block_cols, m.block_loc
+    assert u.numel() <= 40 and v.numel() <= 30
+    assert torch.equal(u[torch.div(loc, v.numel(), rounding_mode="floor")] * 768 + v[loc % v.numel()], m.weight_index)
+    block = (u, v, loc)
+    assert sd._route(idx.numel(), 768 * 768, 32 * 197, 0, block) == "block"
+    spread = SparseDeltaLinear(torch.nn.Linear(768, 768), torch.randperm(768 * 768, generator=g)[:30000])
+    assert sd._route(30000, 768 * 768, 32 * 197, 0, (spread.block_rows, spread.block_cols, spread.block_loc)) == "dense"
 
 
 def test_gather_only_while_cheaper_than_forming_the_weight():

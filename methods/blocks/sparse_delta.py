@@ -8,14 +8,19 @@ The weight gradient is computed only at the selected positions, by a custom auto
 
     dL/dΔ_k = Σ_tokens g[..., row_k] · x[..., col_k]
 
-as an elementwise gather-product-sum over the tokens, in chunks of positions so the temporary is at
-most ``CHUNK_ELEMS`` numbers. No dense d_out×d_in weight gradient is ever formed, and neither is the
-nnz×nnz product of SPT's official ``LinearSPTSparseGrad`` (it takes the diagonal of an nnz×nnz matrix,
-O(nnz²) memory; see specs/spt_snell_arc.md §1.5 item 8). With few positions (nnz ≤ d_out·d_in/16, the
-SPT/GPS case) and few tokens (tokens·nnz ≤ d_out·d_in) the delta's contribution to y and to grad_x is
-gathered and W + scatter(Δ) is never formed; otherwise the effective weight is formed in forward and
-recomputed in backward (one d_out×d_in temporary, as in the official code, never saved): at training batch
-sizes the gather costs more than the copy.
+No dense d_out×d_in weight gradient is ever formed, and neither is the nnz×nnz product of SPT's official
+``LinearSPTSparseGrad`` (it takes the diagonal of an nnz×nnz matrix, O(nnz²) memory; see
+specs/spt_snell_arc.md §1.5 item 8). The route is picked per call (``_route``):
+
+* ``block`` (SPT's usual case): the positions' distinct rows U and columns V span a sub-block of at most
+  1/``BLOCK_RATIO`` of the matrix; the delta acts as a dense |U|×|V| matrix in three small GEMMs. On ViT-B/16
+  with sensitivity-selected positions |U|·|V| is 0-3 % of the matrix, so a sparse linear costs about what
+  the frozen one does.
+* ``regular`` / ``gather``: few positions and few tokens: the contribution is gathered elementwise
+  (GPS's k positions per row use a reshape-sum).
+* ``dense``: W + scatter(Δ) formed in forward and recomputed in backward (one d_out×d_in temporary, never
+  saved); the gradient is an elementwise gather-product-sum over the tokens in chunks of positions (the
+  temporary is at most ``CHUNK_ELEMS`` numbers).
 
 With Δ = 0 the output is bit-identical to the frozen linear (W + 0 = W exactly, then the same
 ``F.linear``). ``merged()`` folds the deltas into the base linear exactly.
@@ -74,50 +79,101 @@ def regular_delta_grad(g: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: 
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x (W + scatter(Δ))ᵀ + b. With few positions (``_use_gather``) the delta's contribution is
-    added as y[..., r_k] += Δ_k · x[..., c_k] (and likewise for grad_x), so W + scatter(Δ) is never
-    formed; otherwise the effective weight is formed (forward) and recomputed (backward)."""
+    """y = x (W + scatter(Δ))ᵀ + b, the frozen ``W`` never getting a gradient. Four exact routes, cheapest first:
+
+    * ``block``: the positions lie in a small |U|×|V| sub-block (U: their rows, V: their columns). Then
+      y[..., U] += x[..., V] D_sub ᵀ, grad_x[..., V] += g[..., U] D_sub and dL/dΔ = (g_Uᵀ x_V) at the positions:
+      three N×|U|×|V| GEMMs instead of gathers over N×nnz. Sensitivity-based selection (SPT) concentrates on a
+      few rows and columns (gradient² ≈ ‖g_i‖²·‖x_j‖²), so |U|·|V| is a few % of d_out·d_in.
+    * ``regular``: exactly k positions per row (GPS's top-k per neuron): a reshape-sum of gathered inputs.
+    * ``gather``: few positions and few tokens: y[..., r_k] += Δ_k · x[..., c_k].
+    * ``dense``: W + scatter(Δ) formed in forward and recomputed in backward (never saved), the gradient
+      gathered elementwise at the positions.
+    """
 
     @staticmethod
-    def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0):
+    def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0, block=None):
+        tokens = x.numel() // max(1, x.shape[-1])
+        ctx.route = _route(index.numel(), weight.numel(), tokens, row_k, block)
+        ctx.has_bias, ctx.row_k = bias is not None, row_k
+        ctx.block = block if ctx.route == "block" else None
         ctx.save_for_backward(x, delta, weight, index, rows, cols)
-        ctx.has_bias = bias is not None
-        ctx.gather = _use_gather(index.numel(), weight.numel(), x.numel() // max(1, x.shape[-1]))
-        ctx.row_k = row_k
-        if ctx.gather and row_k:  # exactly row_k positions in every row (GPS): a reshape-sum, no scatter
-            y = F.linear(x, weight.to(x.dtype), bias)
+        w = weight.to(x.dtype)
+        if ctx.route == "block":
+            u, v, loc = block
+            y = F.linear(x, w, bias)
+            return y.index_add_(-1, u, F.linear(x.index_select(-1, v), _sub_block(delta, block).to(x.dtype)).to(y.dtype))
+        if ctx.route == "regular":
+            y = F.linear(x, w, bias)
             xs = x.index_select(-1, cols).view(*x.shape[:-1], weight.shape[0], row_k)
             return y.add_((xs * delta.to(x.dtype).view(-1, row_k)).sum(-1).to(y.dtype))
-        if ctx.gather:
-            y = F.linear(x, weight.to(x.dtype), bias)
+        if ctx.route == "gather":
+            y = F.linear(x, w, bias)
             return y.index_add_(-1, rows, (x.index_select(-1, cols) * delta.to(x.dtype)).to(y.dtype))
-        w = scatter_delta(weight, index, delta)
-        return F.linear(x, w.to(x.dtype), bias)
+        return F.linear(x, scatter_delta(weight, index, delta).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, g):
         x, delta, weight, index, rows, cols = ctx.saved_tensors
         grad_x = grad_delta = grad_bias = None
         g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        route, k = ctx.route, ctx.row_k
+        g_u = None
+        if route == "block":
+            u, v, loc = ctx.block
+            g_u = g2.index_select(1, u)
         if ctx.needs_input_grad[0]:
-            if ctx.gather and ctx.row_k:
-                gx = g2 @ weight.to(g2.dtype)
-                gx.index_add_(-1, cols, (g2.unsqueeze(-1) * delta.to(g2.dtype).view(-1, ctx.row_k)).reshape(g2.shape[0], -1))
-            elif ctx.gather:
-                gx = g2 @ weight.to(g2.dtype)
-                gx.index_add_(-1, cols, g2.index_select(-1, rows) * delta.to(g2.dtype))
-            else:
+            if route == "dense":
                 gx = g2 @ scatter_delta(weight, index, delta).to(g2.dtype)
+            else:
+                gx = g2 @ weight.to(g2.dtype)
+                d = delta.to(g2.dtype)
+                if route == "block":
+                    gx.index_add_(-1, v, g_u @ _sub_block(delta, ctx.block).to(g2.dtype))
+                elif route == "regular":
+                    gx.index_add_(-1, cols, (g2.unsqueeze(-1) * d.view(-1, k)).reshape(g2.shape[0], -1))
+                else:
+                    gx.index_add_(-1, cols, g2.index_select(-1, rows) * d)
             grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            if ctx.row_k:
-                grad_delta = regular_delta_grad(g2, x2, cols, ctx.row_k).to(delta.dtype)
+            if route == "block":
+                sub = g_u.t().float() @ x2.index_select(1, v).float()
+                grad_delta = sub.reshape(-1).index_select(0, loc).to(delta.dtype)
+            elif k:
+                grad_delta = regular_delta_grad(g2, x2, cols, k).to(delta.dtype)
             else:
                 grad_delta = sparse_delta_grad(g2, x2, rows, cols).to(delta.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.float().sum(0)
-        return grad_x, grad_delta, grad_bias, None, None, None, None, None
+        return grad_x, grad_delta, grad_bias, None, None, None, None, None, None
+
+
+def _sub_block(delta: torch.Tensor, block) -> torch.Tensor:
+    """The |U|×|V| dense sub-block of scatter(Δ)."""
+    u, v, loc = block
+    return delta.new_zeros(u.numel() * v.numel()).index_put_((loc,), delta).view(u.numel(), v.numel())
+
+
+def _route(nnz: int, numel: int, tokens: int, row_k: int, block) -> str:
+    if block is not None and block[0].numel() * block[1].numel() * BLOCK_RATIO <= numel:
+        return "block"
+    if _use_gather(nnz, numel, tokens):
+        return "regular" if row_k else "gather"
+    return "dense"
+
+
+BLOCK_RATIO = 4  # the sub-block route while |U|·|V| ≤ d_out·d_in / BLOCK_RATIO
+
+
+def sub_block_index(rows: torch.Tensor, cols: torch.Tensor):
+    """(U, V, loc): the sorted distinct rows and columns of the positions, and each position's flat index
+    into the |U|×|V| block. None on the meta device."""
+    if rows.device.type == "meta" or rows.numel() == 0:
+        return None
+    u, v = torch.unique(rows), torch.unique(cols)
+    loc = torch.searchsorted(u, rows) * v.numel() + torch.searchsorted(v, cols)
+    return u, v, loc
 
 
 class SparseDeltaLinear(WrapsLinear, nn.Module):
@@ -144,6 +200,9 @@ class SparseDeltaLinear(WrapsLinear, nn.Module):
         self.register_buffer("bias_index", bi, persistent=True)
         self.delta = nn.Parameter(torch.zeros(wi.numel(), device=dev, dtype=base.weight.dtype)) if wi.numel() else None
         self.row_k = self._row_regular(wi, self.out_features, self.in_features)
+        block = sub_block_index(self.rows, self.cols)
+        for name, t in zip(("block_rows", "block_cols", "block_loc"), block or (None, None, None)):
+            self.register_buffer(name, t, persistent=False)
         self.bias_delta = nn.Parameter(torch.zeros(bi.numel(), device=dev, dtype=base.weight.dtype)) if bi.numel() else None
 
     @staticmethod
@@ -189,8 +248,9 @@ class SparseDeltaLinear(WrapsLinear, nn.Module):
         b = self.effective_bias()
         if self.delta is None:
             return F.linear(x, self.base.weight, b)
+        block = None if self.block_rows is None else (self.block_rows, self.block_cols, self.block_loc)
         return _SparseDeltaLinear.apply(x, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols,
-                                        self.row_k)
+                                        self.row_k, block)
 
     def fold_into_base(self) -> None:
         with torch.no_grad():
