@@ -6,7 +6,7 @@ import pytest
 
 from tools import bench_step
 
-TINY = ["--backbone", "vit_micro", "--set", "backbone.depth=2", "--set", "backbone.embed_dim=32",
+TINY = ["--backbone", "vit_micro", "--set", "backbone.checkpoint=null", "--set", "backbone.depth=2", "--set", "backbone.embed_dim=32",
         "--set", "backbone.num_heads=2", "--batch", "4", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
 

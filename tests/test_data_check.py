@@ -114,7 +114,7 @@ def test_check_data_main_in_process(roots, capsys):
     assert "unknown vtab dataset(s) cifar10" in capsys.readouterr().err
 
 
-TINY = ["backbone=vit_micro", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
+TINY = ["backbone=vit_micro", "backbone.checkpoint=null", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
         "backbone.patch_size=8", "method=linear", "train.epochs=1", "train.batch_size=4", "train.warmup_epochs=0",
         "progress=false", "device=cpu", "eval.batch_size=8"]
 

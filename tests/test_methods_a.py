@@ -303,7 +303,7 @@ def test_dora_runs_on_embedded_dsprites_through_the_runner(tmp_path):
     from bench.run import run
 
     overrides = ["method=dora", "train.epochs=1", "dataset.sizes.train=64", "dataset.sizes.val=16",
-                 "dataset.sizes.test=64", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+                 "dataset.sizes.test=64", "backbone.checkpoint=null", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
                  f"results.dir={tmp_path}", "progress=false", "device=cpu", "method.rank=4"]
     rec = run(compose_cfg(overrides), overrides)
     assert rec["status"] == "ok" and rec["method"] == "dora" and rec["variant"] == "rank=4"

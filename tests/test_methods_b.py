@@ -243,7 +243,7 @@ def test_end_to_end_ssf_through_the_runner(tmp_path):
     from bench.run import run
 
     overrides = ["method=ssf", "train.epochs=1", "dataset.sizes.train=64", "dataset.sizes.val=16",
-                 "dataset.sizes.test=64", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+                 "dataset.sizes.test=64", "backbone.checkpoint=null", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
                  f"results.dir={tmp_path}", "progress=false", f"cache_dir={tmp_path / 'cache'}"]
     rec = run(compose_cfg(overrides), overrides)
     # patch conv 32 + per block (qkv 96 + proj 32 + fc1 128 + fc2 32 + 2 norms 64) + final norm 32, x2 (scale, shift)

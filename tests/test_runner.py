@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import ROOT
 from bench.results import load_records
 from bench.run import run
 from helpers import compose_cfg
 
-TINY = ["backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "train.epochs=2",
+TINY = ["backbone.checkpoint=null", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "train.epochs=2",
         "dataset.sizes.train=64", "dataset.sizes.val=32", "dataset.sizes.test=64", "progress=false"]
 
 
@@ -26,6 +27,25 @@ def test_default_job_config_composes():
         assert key in cfg.train
     assert cfg.results.dir == "results" and cfg.dataset.root is None
     assert 96 <= cfg.backbone.embed_dim <= 192 and 4 <= cfg.backbone.depth <= 6 and cfg.backbone.patch_size == 4
+
+
+def test_default_backbone_is_the_shipped_pretrained_vit_micro():
+    """vit_micro loads the committed FractalDB-pretrained weights by default, from any working directory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from bench import ROOT
+    from bench.run import build_model
+
+    cfg = compose_cfg()
+    ckpt = Path(cfg.backbone.checkpoint)
+    assert ckpt.is_absolute() and ckpt == ROOT / "backbones" / "weights" / "vit_micro_fractal.safetensors"
+    model, _ = build_model(compose_cfg(["method=linear"]))  # no wrappers: the backbone's own key names
+    own = model.state_dict()
+    saved = load_file(str(ckpt))
+    assert set(own) - set(saved) == {"head.weight", "head.bias"}
+    assert all(torch.equal(own[k], v.float()) for k, v in saved.items())
 
 
 @pytest.mark.parametrize("select,train_split", [("last", "train800val200"), ("best_val", "train800")])
@@ -84,7 +104,8 @@ def test_unknown_registry_entry_is_one_line(tmp_path):
 def test_bad_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
-    out = bench_cli(f"backbone.checkpoint={bad}", *TINY, f"results.dir={tmp_path}")
+    tiny = [o for o in TINY if not o.startswith("backbone.checkpoint=")]
+    out = bench_cli(f"backbone.checkpoint={bad}", *tiny, f"results.dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot read checkpoint")
     assert len(out.stderr.strip().splitlines()) == 1
 

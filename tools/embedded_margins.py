@@ -1,0 +1,104 @@
+"""Is the embedded default a transfer experiment? Three arms on ``synthetic/dsprites_loc`` with ``vit_micro``,
+3 seeds each, through the runner exactly as ``python -m bench`` runs them:
+
+* ``linear`` on a random-init ``vit_micro`` (``backbone.checkpoint=null``),
+* ``linear`` on the FractalDB-pretrained ``vit_micro`` (the default checkpoint),
+* ``lora`` on the pretrained ``vit_micro`` (the default job).
+
+The claim checked: pretrained linear > random linear, and lora > pretrained linear, each by a margin
+(difference of the means) larger than the std over the seeds (sample std, ddof 1) of either arm.
+
+    python -m tools.embedded_margins                 # writes results/embedded/margins.md (about 4 min)
+    python -m tools.embedded_margins --set train.epochs=2 --out /tmp/m.md
+
+Records go to a scratch results folder (``--records``, default a temporary one) so the random-init arm
+never mixes with the pretrained ``vit_micro`` rows of the embedded leaderboard.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+ARMS = (
+    ("linear, random init", ["method=linear", "backbone.checkpoint=null"]),
+    ("linear, pretrained", ["method=linear"]),
+    ("lora, pretrained", ["method=lora"]),
+)
+CLAIMS = ((1, 0), (2, 1))  # (better arm, worse arm) indices into ARMS
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def check(scores: dict[str, list[float]]) -> list[dict]:
+    """One row per claim: the two arms, the margin, the larger std, whether margin > std."""
+    names = [a for a, _ in ARMS]
+    rows = []
+    for hi, lo in CLAIMS:
+        (mh, sh), (ml, sl) = mean_std(scores[names[hi]]), mean_std(scores[names[lo]])
+        rows.append({"better": names[hi], "worse": names[lo], "margin": mh - ml, "std": max(sh, sl),
+                     "holds": mh - ml > max(sh, sl)})
+    return rows
+
+
+def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], seconds: float, data: str) -> str:
+    lines = ["# Embedded default: pretrained vs random vit_micro, lora vs linear", "",
+             f"- dataset `synthetic/dsprites_loc` ({data}), backbone `vit_micro`, "
+             f"seeds {', '.join(map(str, seeds))}, default recipe" + (f", overrides `{' '.join(extra)}`" if extra else ""),
+             f"- regenerate: `python -m tools.embedded_margins` ({seconds / 60:.1f} min on this machine)", "",
+             "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for arm, _ in ARMS:
+        m, s = mean_std(scores[arm])
+        lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in scores[arm]) + f" | {m:.2f} ± {s:.2f} |")
+    lines += ["", "| claim | margin (pp) | larger std | holds |", "|---|---:|---:|---|"]
+    for r in check(scores):
+        lines.append(f"| {r['better']} > {r['worse']} | {r['margin']:.2f} | {r['std']:.2f} | "
+                     f"{'yes' if r['holds'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import time
+
+    from hydra import compose, initialize_config_dir
+
+    from bench import CONF_DIR, ROOT
+    from bench.imports import import_suite
+    from bench.results import write_text_atomic
+    from bench.run import run
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override for every run, e.g. train.epochs=2")
+    p.add_argument("--records", default=None, help="results folder for the runs' records (default: temporary)")
+    p.add_argument("--out", default=str(ROOT / "results" / "embedded" / "margins.md"))
+    a = p.parse_args(argv)
+    import_suite()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    scores: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        records = a.records or tmp
+        d = compose("config", overrides=["dataset=synthetic/dsprites_loc", *a.extra]).dataset
+        data = f"{d.num_classes} classes, {d.sizes.train} train / {d.sizes.test:,} test"
+        for arm, over in ARMS:
+            for seed in seeds:
+                overrides = [*over, "dataset=synthetic/dsprites_loc", f"seed={seed}", "progress=false",
+                             f"results.dir={records}", *a.extra]
+                rec = run(compose("config", overrides=overrides), overrides)
+                scores[arm].append(float(rec["top1"]))
+    text = render(scores, seeds, a.extra, time.perf_counter() - t0, data)
+    write_text_atomic(Path(a.out), text)
+    print(text)
+    return 0 if all(r["holds"] for r in check(scores)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
