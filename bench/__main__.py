@@ -22,8 +22,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from bench.cli import check_group_overrides
+    from bench.cli import check_group_overrides, expand_group_globs
 
+    sys.argv[1:] = expand_group_globs(sys.argv[1:])
     problem = check_group_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

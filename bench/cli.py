@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import re
 import sys
 
 from bench.imports import ShadowedPackageError
@@ -60,3 +62,36 @@ def check_group_overrides(argv: list[str]) -> str | None:
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 return f"unknown {key} '{name}' (no conf/{key}/{name}.yaml).{hint} Known: {', '.join(known)}"
     return None
+
+
+_GLOB = re.compile(r"^glob\((?P<inc>\[[^\]]*\]|[^,\[\]]+)(?:\s*,\s*exclude\s*=\s*(?P<exc>\[[^\]]*\]|[^,\[\]]+))?\)$")
+
+
+def _patterns(text: str | None) -> list[str]:
+    if not text:
+        return []
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:-1]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def expand_group_globs(argv: list[str]) -> list[str]:
+    """``dataset=glob(synthetic/*)`` → ``dataset=synthetic/clevr_count,...``: Hydra's own ``glob`` sees only
+    the options directly in a group folder, not nested ones (``vtab/*``, ``synthetic/*``), so the runner
+    expands globs over ``method``/``dataset``/``backbone`` itself (``exclude=`` as in Hydra)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        m = _GLOB.match(value.strip()) if sep and key.lstrip("+~") in GROUPS else None
+        if not m:
+            out.append(arg)
+            continue
+        known = group_options(key.lstrip("+~"))
+        inc, exc = _patterns(m.group("inc")), _patterns(m.group("exc"))
+        names = [n for n in known if any(fnmatch.fnmatchcase(n, p) for p in inc)
+                 and not any(fnmatch.fnmatchcase(n, p) for p in exc)]
+        if not names:
+            raise SystemExit(f"error: {arg} matches no config in conf/{key.lstrip('+~')}/ (known: {', '.join(known)})")
+        out.append(f"{key}={','.join(names)}")
+    return out
