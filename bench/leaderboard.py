@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from bench import ROOT
+from bench import ROOT, pareto
 from bench.metrics import ppt
 from bench.results import load_records, write_text_atomic
 
@@ -38,13 +38,26 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
             "params": int(r["trainable_params"]), "select_score": proto.get("select_score"),
             "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
             "created": r.get("created", ""), "run_id": r.get("run_id", ""),
+            "epochs": (proto.get("schedule") or {}).get("epochs"),
         })
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    # a re-run of the same configuration and seed replaces the older record
-    df = df.sort_values(["created", "run_id"]).drop_duplicates(KEYS + ["seed"], keep="last")
-    return df.reset_index(drop=True)
+    df["epochs"] = df["epochs"].fillna(-1).astype(int)
+    # a re-run of the same configuration, schedule and seed replaces the older record
+    df = df.sort_values(["created", "run_id"]).drop_duplicates(KEYS + ["epochs", "seed"], keep="last")
+    return label_schedules(df).reset_index(drop=True)
+
+
+def label_schedules(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one method variant under different epoch counts (the default job's 10 epochs beside a
+    sweep's 3) are different rows: their variant gets ``<n> ep`` appended, never mixed into one mean."""
+    df = df.copy()
+    key = ["benchmark", "backbone", "select", "method", "variant"]
+    several = df.groupby(key)["epochs"].transform("nunique") > 1
+    tag = df["epochs"].map(lambda e: f"{e} ep" if e >= 0 else "? ep")
+    df.loc[several, "variant"] = [f"{v},{t}" if v else t for v, t in zip(df.loc[several, "variant"], tag[several])]
+    return df
 
 
 def fmt_cell(mean: float, std: float, n: int) -> str:
@@ -180,7 +193,9 @@ def render(df: pd.DataFrame, benchmark: str) -> str:
         splits = sub[["train_split", "eval_split"]].drop_duplicates()
         split_txt = "; ".join(f"train on {a} → evaluate on {b}" for a, b in splits.itertuples(index=False))
         tag = " — TEST-SELECTED (best test epoch; only for comparison with the anchors)" if select == "best_test" else ""
-        lines += [f"## backbone {backbone} · protocol eval.select={select}{tag}", "", f"Splits: {split_txt}.", ""]
+        epochs = sorted(e for e in sub["epochs"].unique() if e >= 0)
+        ep_txt = f" Epochs: {', '.join(map(str, epochs))}." if epochs else ""
+        lines += [f"## backbone {backbone} · protocol eval.select={select}{tag}", "", f"Splits: {split_txt}.{ep_txt}", ""]
         md, notes = table(sub, benchmark, backbone)
         lines += [md, ""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -196,7 +211,21 @@ def regenerate(results_dir: str | Path) -> list[Path]:
         path = Path(results_dir) / benchmark / "leaderboard.md"
         write_text_atomic(path, render(df, benchmark))
         written.append(path)
+        for (backbone, select), sub in sorted(df[df["benchmark"] == benchmark].groupby(["backbone", "select"])):
+            png = Path(results_dir) / benchmark / f"pareto_{backbone}_{select}.png"
+            if pareto.plot(method_points(sub), f"{benchmark} · {backbone} · eval.select={select}", png):
+                written.append(png)
     return written
+
+
+def method_points(sub: pd.DataFrame) -> pd.DataFrame:
+    """One point per method row: mean top-1 over the datasets it ran (seed means first), mean params,
+    and how many datasets that mean covers."""
+    per_ds = sub.groupby(["method", "variant", "dataset"]).agg(top1=("top1", "mean"), params=("params", "mean"))
+    pts = per_ds.groupby(level=[0, 1]).agg(top1=("top1", "mean"), params=("params", "mean"), datasets=("top1", "size"))
+    pts = pts.reset_index()
+    pts["label"] = [m + (f" [{v}]" if v else "") for m, v in zip(pts["method"], pts["variant"])]
+    return pts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def test_in_process_table_ratios_and_counts(tmp_path, capsys):
         assert r["ms_per_step"] > 0 and r["dtype"] == "fp32" and r["device"] == "cpu"
         assert r["peak_mem_mb"] >= 0 and r["mem_kind"].startswith("cpu_")
     text = out.read_text()
-    assert "| method | trainable params | ms/step | × full | × linear | peak mem (MiB) |" in text
+    assert "| method | trainable params | ms/step | × full | × linear | peak mem (MiB) | mem × full | mem × lora |" in text
     full_row = next(l for l in text.splitlines() if l.startswith("| full |"))
     assert "| 1.00× |" in full_row
     lora_row = next(l for l in text.splitlines() if l.startswith("| lora |"))

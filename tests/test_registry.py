@@ -38,3 +38,16 @@ def test_every_yaml_names_a_registered_entry_and_vice_versa(registry, group):
         assert cfg.name == rel, f"{p}: name '{cfg.name}' must equal the file name '{rel}'"
         yamls[rel] = p
     assert set(yamls) == set(registry.names())
+
+
+def test_group_globs_expand_over_nested_configs():
+    """dataset=glob(synthetic/*) sweeps the four procedural tasks (Hydra's glob sees no nested options)."""
+    from bench.cli import expand_group_globs
+
+    out = expand_group_globs(["-m", "dataset=glob(synthetic/*)", "method=glob(spt_*)", "seed=0,1", "train.lr=glob(x)"])
+    assert out == ["-m", "dataset=synthetic/clevr_count,synthetic/dsprites_loc,synthetic/dsprites_ori,synthetic/textures",
+                   "method=spt_adapter,spt_lora", "seed=0,1", "train.lr=glob(x)"]
+    vtab = expand_group_globs(["dataset=glob(vtab/*,exclude=[vtab/s*,vtab/d*])"])[0].split("=")[1].split(",")
+    assert len(vtab) == 19 - 9 and "vtab/cifar100" in vtab and not any(n.startswith(("vtab/s", "vtab/d")) for n in vtab)
+    with pytest.raises(SystemExit, match="matches no config in conf/method/"):
+        expand_group_globs(["method=glob(nope*)"])

@@ -16,13 +16,14 @@ def test_ppt_reproduces_vpetl_tables(top1, params, expected):
 
 
 def fake_record(method="lora", dataset="synthetic/dsprites_loc", seed=0, top1=50.0, params=1000, variant="",
-                select="last", score=None, created="2026-01-01T00:00:00"):
+                select="last", score=None, created="2026-01-01T00:00:00", epochs=None):
     return {
         "schema": 1, "status": "ok", "run_id": f"{method}{variant}{dataset}{seed}{created}".replace("/", "_"),
         "created": created, "benchmark": "embedded", "dataset": dataset, "backbone": "vit_micro",
         "method": method, "variant": variant, "seed": seed, "top1": top1, "trainable_params": params,
         "head_params": 10, "total_params": 10 ** 6,
-        "protocol": {"select": select, "train_split": "train800val200", "eval_split": "test", "select_score": score},
+        "protocol": {"select": select, "train_split": "train800val200", "eval_split": "test", "select_score": score,
+                     **({"schedule": {"epochs": epochs}} if epochs is not None else {})},
         "config": {"dataset": {"name": dataset}},
     }
 
@@ -53,8 +54,11 @@ def test_leaderboard_from_fixture_records(tmp_path):
     # a re-run of the same seed replaces the older record
     write_record(tmp_path, fake_record("linear", seed=0, top1=41.0, params=0, created="2026-02-01T00:00:00"))
     paths = regenerate(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["embedded/leaderboard.md"]
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["embedded/leaderboard.md",
+                                                                    "embedded/pareto_vit_micro_last.png"]
     text = paths[0].read_text()
+    png = paths[1].read_bytes()
+    assert png.startswith(b"\x89PNG")
     assert "62.0 ± 2.0 (n=3)" in text and "42.0 ± 2.0 (n=3)" in text
     assert "41.0 (n=1)" in text and "40.0 (n=1)" not in text
     lora_row = next(l for l in text.splitlines() if l.startswith("| lora"))
@@ -64,6 +68,29 @@ def test_leaderboard_from_fixture_records(tmp_path):
     assert "eval.select=last" in text
     regenerate(tmp_path)
     assert paths[0].read_text() == text, "regeneration must be deterministic"
+    assert paths[1].read_bytes() == png, "the plot too"
+
+
+def test_pareto_front_keeps_undominated_methods():
+    import pandas as pd
+
+    from bench.pareto import pareto_front
+
+    pts = pd.DataFrame({"label": ["linear", "bitfit", "lora", "adapter", "full"],
+                        "params": [0, 100, 1000, 1000, 10 ** 6], "top1": [20.0, 15.0, 60.0, 55.0, 58.0]})
+    assert list(pareto_front(pts)["label"]) == ["linear", "lora"]
+
+
+def test_schedules_are_separate_rows(tmp_path):
+    """The default job's 10-epoch lora run never merges into a 3-epoch sweep's lora row."""
+    write_record(tmp_path, fake_record("lora", seed=0, top1=30.0, epochs=3))
+    write_record(tmp_path, fake_record("lora", seed=0, top1=68.0, epochs=10, created="2026-02-01T00:00:00"))
+    write_record(tmp_path, fake_record("linear", seed=0, top1=15.0, epochs=3))
+    text = regenerate(tmp_path)[0].read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| lora") or l.startswith("| linear")]
+    assert any(l.startswith("| lora [3 ep]") and "30.0" in l for l in rows)
+    assert any(l.startswith("| lora [10 ep]") and "68.0" in l for l in rows)
+    assert any(l.startswith("| linear ") for l in rows) and "Epochs: 3, 10." in text
 
 
 def test_leaderboard_rows_per_budget_and_val_selection(tmp_path):

@@ -219,6 +219,8 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
     ok = {r["method"]: r for r in results if "error" not in r}
     full = ok.get("full", {}).get("ms_per_step")
     lin = ok.get("linear", {}).get("ms_per_step")
+    mem_full = ok.get("full", {}).get("peak_mem_mb")
+    mem_lora = ok.get("lora", {}).get("peak_mem_mb")
     first = next(iter(ok.values()), {})
     mem_kinds = sorted({r["mem_kind"] for r in ok.values()})
     mem_text = {
@@ -241,18 +243,20 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
         f"- written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
         + (f"; overrides: {' '.join(a.set)}" if a.set else ""),
         "",
-        "| method | trainable params | ms/step | × full | × linear | peak mem (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | trainable params | ms/step | × full | × linear | peak mem (MiB) | mem × full | mem × lora |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | – | failed: {r['error'].replace('|', '/')} | | | |")
+            lines.append(f"| {r['method']} | – | failed: {r['error'].replace('|', '/')} | | | | | |")
             continue
         ms = r["ms_per_step"]
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {ms:.1f} | {_fmt_ratio(ms / full if full else None)} | "
             f"{_fmt_ratio(ms / lin if lin else None)} | {r['peak_mem_mb']:.0f}"
-            f"{' †' if r.get('prepared') and str(r.get('mem_kind', '')).startswith('cpu') else ''} |"
+            f"{' †' if r.get('prepared') and str(r.get('mem_kind', '')).startswith('cpu') else ''} | "
+            f"{_fmt_ratio(r['peak_mem_mb'] / mem_full if mem_full else None)} | "
+            f"{_fmt_ratio(r['peak_mem_mb'] / mem_lora if mem_lora else None)} |"
         )
     return "\n".join(lines) + "\n"
 
