@@ -146,7 +146,7 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
         mean = float(g["mean"].mean())
         params = float(g["params"].mean())
         row["mean"] = mean_cell(list(g["mean"]), expected)
-        row["params (M)"] = f"{params / 1e6:.3f}"
+        row["params (M)"] = f"{params / 1e6:.3f}" if params >= 1e5 else f"{params / 1e6:.4f}"
         row["PPT"] = "-" if method == "full" else f"{ppt(mean / 100.0, params):.2f}"
         rows.append((params, label, row))
         if variant == "variant chosen on val":
