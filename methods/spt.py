@@ -480,20 +480,14 @@ class SPTLinear(SparseDeltaLinear):
         y = super().forward(x)
         if not len(self.branches):
             return y
-        adds = {self.slices[n].start: (self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
-                for n, br in self.branches.items()}
-        # one out-of-place add of the full-width branch output (zeros where no branch): cheaper in
-        # backward than in-place slice updates, and y stays intact for branches that read it
-        parts, pos, width = [], 0, y.shape[-1]
-        for start in sorted(adds):
-            s, d = adds[start]
-            if start > pos:
-                parts.append(y.new_zeros(*y.shape[:-1], start - pos))
-            parts.append(d.to(y.dtype))
-            pos = s.stop
-        if pos < width:
-            parts.append(y.new_zeros(*y.shape[:-1], width - pos))
-        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, -1))
+        outs = [(self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
+                for n, br in self.branches.items()]
+        if len(outs) == 1 and outs[0][0].start == 0 and outs[0][0].stop == y.shape[-1]:
+            return y + outs[0][1].to(y.dtype)
+        # one out-of-place index_add of the branch outputs on their output columns: y stays intact for
+        # branches that read it, and its gradient passes through without a copy
+        index = torch.cat([torch.arange(s.start, s.stop, device=y.device) for s, _ in outs])
+        return y.index_add(-1, index, torch.cat([d.to(y.dtype) for _, d in outs], -1))
 
     def merged(self) -> nn.Linear:
         if any(not hasattr(b, "delta_weight") for b in self.branches.values()):

@@ -426,3 +426,14 @@ def test_budget_sweep_end_to_end_on_dsprites(tmp_path):
         assert abs(rec["trainable_params"] - parse_budget(budget)) <= 0.02 * parse_budget(budget)
         got.append(rec["trainable_params"])
     assert got[0] < got[1]
+
+
+def test_default_budget_follows_the_backbone():
+    """0.4M on ViT-B/16; vit_micro's own spt_budget (25k, the same ratio to LoRA's count) on the micro-ViT,
+    whatever the dataset; method.budget on the command line wins."""
+    from bench.run import params_report
+
+    b16 = params_report(compose_cfg(["method=spt_lora", "backbone=vit_b16", "dataset.num_classes=100", "mode=params"]))
+    micro = params_report(compose_cfg(["method=spt_adapter", "dataset=synthetic/textures", "mode=params"]))
+    mine = params_report(compose_cfg(["method=spt_lora", "method.budget=10k", "mode=params"]))
+    assert (b16["trainable_params"], micro["trainable_params"], mine["trainable_params"]) == (400_000, 25_000, 10_000)
