@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Method, register, unfreeze
+from methods.blocks.merge import WrapsLinear
 from methods.blocks.sparse_delta import SparseDeltaLinear, scatter_delta
 
 log = logging.getLogger(__name__)
 LINEARS = ("qkv", "proj", "fc1", "fc2")
 
 
-class SparseDeltaConv(nn.Module):
+class SparseDeltaConv(WrapsLinear, nn.Module):
     """A frozen conv plus a sparse delta on flat weight positions (autograd through a dense scatter)."""
 
     def __init__(self, base: nn.Conv2d, weight_index: torch.Tensor):
@@ -55,14 +56,6 @@ class SparseDeltaConv(nn.Module):
             weight_index = torch.sort(weight_index).values
         self.register_buffer("weight_index", weight_index.to(base.weight.device))
         self.delta = nn.Parameter(torch.zeros(weight_index.numel(), device=base.weight.device, dtype=base.weight.dtype))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
 
     def forward(self, x):
         w = scatter_delta(self.base.weight, self.weight_index, self.delta)

@@ -20,7 +20,7 @@ def merge_wrappers(model: nn.Module) -> int:
 
 
 class WrapsLinear:
-    """Mixin for modules wrapping a frozen linear as ``self.base``: code that reads ``linear.weight`` /
+    """Mixin for modules wrapping a frozen linear (or conv) as ``self.base``: code that reads ``linear.weight`` /
     ``linear.bias`` (dtype/device checks, other methods' sites) sees the base linear's tensors."""
 
     @property
