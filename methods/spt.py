@@ -62,6 +62,12 @@ Modules (§1.2), r = 8, both identity at init (``identity_at_init``):
 * ``spt_adapter`` (sequential on the linear's output): h ← h + DP(up(GELU(down(Dropout(h))))) with
   biases, up = 0; proj's adapter is parallel on the attention output (proj's input, no dropout).
 
+Speed (the step must stay ≤ 0.8× ``full`` on ViT-B/16): every branch's input dropout is fused with its
+down-projection (``methods.blocks.dropout.dropout_linear``: the mask is applied once, the 1/(1-p) scale on
+the r×d weight) and every branch output is accumulated into the frozen linear's output in place with one
+rank-r GEMM (``methods.blocks.lora.add_low_rank_``; an adapter's up bias is its (r+1)-th rank), so no branch
+makes a tokens×d temporary in forward. Sparse deltas keep only the input columns they need for backward.
+
 Trainable: structured modules, sparse deltas (own 1-D tensors), whole vectors, ``cls_token``, head.
 ``param_groups``: weight decay only on ≥2-D tensors that are not biases and not ``cls_token`` (official:
 no decay on 1-D tensors, biases, cls_token; deltas are 1-D so they get none).
@@ -93,7 +99,8 @@ from torch import nn
 
 from backbones import Sites, sites as get_sites
 from methods.base import Method, NotMergeableError, register
-from methods.blocks.dropout import dropout as make_dropout
+from methods.blocks.dropout import FastDropout, dropout as make_dropout, dropout_linear
+from methods.blocks.lora import LowRank, add_low_rank_
 from methods.blocks.sparse_delta import SparseDeltaLinear
 
 log = logging.getLogger(__name__)
@@ -423,31 +430,19 @@ def selection_to_official(sel: Selection, entries: list[Entry], variant: str, ra
 # ------------------------------------------------------------------------------------------------
 # modules
 # ------------------------------------------------------------------------------------------------
-class LoRABranch(nn.Module):
-    """DP(B·A·Dropout(x)), A kaiming-uniform(√5), B = 0, scale 1, no bias (official StructuredTuningModule).
-
-    DropPath scales whole samples, so it is applied to the rank-r intermediate: B·DP(A·z) = DP(B·A·z) with
-    an r-wide instead of a d_out-wide multiply."""
-
-    def __init__(self, d_in, d_out, rank, dropout, drop_path, device=None):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, d_in, device=device))
-        self.B = nn.Parameter(torch.zeros(d_out, rank, device=device))
-        if self.A.device.type != "meta":
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.drop = make_dropout(dropout)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x):
-        return F.linear(self.drop_path(F.linear(self.drop(x), self.A)), self.B)
-
-    def delta_weight(self):
-        return self.B @ self.A
+def LoRABranch(d_in, d_out, rank, dropout, drop_path, device=None) -> LowRank:
+    """DP(B·A·Dropout(x)), A kaiming-uniform(√5), B = 0, scale 1, no bias (official StructuredTuningModule):
+    the shared ``LowRank`` with alpha = rank. DropPath acts on the rank-r intermediate (it scales whole
+    samples, so B·DP(A·z) = DP(B·A·z), with an r-wide instead of a d_out-wide multiply)."""
+    return LowRank(d_in, d_out, rank, alpha=rank, dropout=dropout, device=device, drop_path=drop_path)
 
 
 class AdapterBranch(nn.Module):
     """DP(up(GELU(down(Dropout(h))))), down: PyTorch default init (kaiming-uniform √5, uniform bias),
-    up weight and bias 0 (official)."""
+    up weight and bias 0 (official).
+
+    up(a) = [a, 1]·[W_up, b_up]ᵀ, and DropPath scales whole samples, so the branch is the rank-(r+1) product
+    DP([a, 1])·[W_up, b_up]ᵀ: ``add_to`` accumulates it into the linear's output in place."""
 
     def __init__(self, dim, rank, dropout, drop_path, device=None):
         super().__init__()
@@ -456,11 +451,24 @@ class AdapterBranch(nn.Module):
         self.up = nn.Linear(rank, dim, device=device)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.drop = make_dropout(dropout)
+        self.dropout = make_dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def _hidden(self, h):
+        a = self.act(dropout_linear(h, self.down.weight, self.down.bias, self.dropout))
+        return self.drop_path(torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)), \
+            torch.cat([self.up.weight, self.up.bias[:, None]], 1)
+
     def forward(self, h):
-        return self.drop_path(self.up(self.act(self.down(self.drop(h)))))
+        return F.linear(*self._hidden(h))
+
+    def add_to(self, y, h, cols: slice):
+        return add_low_rank_(y, *self._hidden(h), cols)
+
+    @property
+    def saves_input(self) -> bool:
+        """Whether the forward keeps ``h`` itself for backward (no active dropout: down saves its input)."""
+        return not (isinstance(self.dropout, FastDropout) and self.dropout.active)
 
 
 class SPTLinear(SparseDeltaLinear):
@@ -477,17 +485,20 @@ class SPTLinear(SparseDeltaLinear):
         self.sources = dict(sources or {})
 
     def forward(self, x):
-        y = super().forward(x)
-        if not len(self.branches):
-            return y
-        outs = [(self.slices[n], br(x if self.sources[n] == "input" else y[..., self.slices[n]]))
-                for n, br in self.branches.items()]
-        if len(outs) == 1 and outs[0][0].start == 0 and outs[0][0].stop == y.shape[-1]:
-            return y + outs[0][1].to(y.dtype)
-        # one out-of-place index_add of the branch outputs on their output columns: y stays intact for
-        # branches that read it, and its gradient passes through without a copy
-        index = torch.cat([torch.arange(s.start, s.stop, device=y.device) for s, _ in outs])
-        return y.index_add(-1, index, torch.cat([d.to(y.dtype) for _, d in outs], -1))
+        lead = x.shape[:-1]
+        y = self.forward_flat(x.reshape(-1, x.shape[-1]))  # tokens × out, not a view
+        # every branch accumulates into y in place (one rank-r GEMM each, no tokens×out temporaries). The
+        # output slices are disjoint; a branch reading its slice of y gets a copy when it would keep that
+        # view for backward (y is written afterwards). Branch inputs keep the batch dim (DropPath is per sample)
+        for n, br in self.branches.items():
+            s = self.slices[n]
+            if self.sources[n] == "input":
+                inp = x
+            else:
+                inp = y.view(*lead, y.shape[-1])[..., s]
+                inp = inp.clone() if torch.is_grad_enabled() and br.saves_input else inp
+            y = br.add_to(y, inp, s)
+        return y.view(*lead, y.shape[-1])
 
     def merged(self) -> nn.Linear:
         if any(not hasattr(b, "delta_weight") for b in self.branches.values()):

@@ -40,3 +40,51 @@ def test_eval_and_zero_p_are_identity():
     assert isinstance(dropout(0.0), nn.Identity)
     with pytest.raises(ValueError, match="dropout probability"):
         FastDropout(1.0)
+
+
+# -- dropout fused with a down-projection ------------------------------------------------------------
+from methods.blocks import dropout as dmod  # noqa: E402
+from methods.blocks.dropout import dropout_linear  # noqa: E402
+
+
+def _fixed_masks(monkeypatch, seed=0, p=0.3):
+    """Replace the random drop mask by a seeded one, so two calls see the same mask."""
+    def mask(shape, p_levels, device):
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(shape, generator=g) < p_levels / 65536
+    monkeypatch.setattr(dmod, "drop_mask", mask)
+    return mask
+
+
+def test_dropout_linear_is_linear_of_dropout(monkeypatch):
+    """Outputs and all three gradients equal F.linear(mask·x/(1-p), W, b) with the same mask."""
+    mask = _fixed_masks(monkeypatch)
+    d = FastDropout(0.3).train()
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    z = dropout_linear(x, w, b, d)
+    keep = ~mask(x.shape, d.p_levels, None)
+    ref = torch.nn.functional.linear(torch.where(keep, x, 0) / (1 - d.p_effective), w, b)
+    assert torch.allclose(z, ref)
+    g = torch.randn_like(z)
+    grads = torch.autograd.grad(z, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r)
+    assert torch.autograd.gradcheck(lambda x_, w_, b_: dropout_linear(x_, w_, b_, d), (x, w, b))
+
+
+def test_dropout_linear_rate_eval_and_no_bias():
+    torch.manual_seed(0)
+    d = FastDropout(0.1).train()
+    x = torch.rand(300, 64) + 0.5
+    eye = torch.eye(64)
+    z = dropout_linear(x, eye, None, d)  # identity weight: z is the dropped-out input itself
+    kept = z != 0
+    assert abs((1 - kept.float().mean().item()) - 0.1) < 4 * (0.1 * 0.9 / x.numel()) ** 0.5
+    assert torch.allclose(z[kept], x[kept] / (1 - d.p_effective))
+    d.eval()
+    w = torch.randn(5, 64)
+    assert torch.equal(dropout_linear(x, w, None, d), torch.nn.functional.linear(x, w))
+    assert torch.equal(dropout_linear(x, w, None, nn.Identity()), torch.nn.functional.linear(x, w))

@@ -359,7 +359,7 @@ def test_structured_layouts():
         if type(mod).__name__ == "SPTLinear":
             for op, br in mod.branches.items():
                 assert mod.sources[op] == "input"
-                assert isinstance(br.drop, torch.nn.Identity) == (op == "proj")
+                assert isinstance(br.dropout, torch.nn.Identity) == (op == "proj")
                 assert torch.count_nonzero(br.B) == 0
     model, m, _ = prepared("spt_adapter", budget="12k")
     seen = set()

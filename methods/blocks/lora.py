@@ -6,8 +6,10 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
+from methods.blocks.dropout import dropout as make_dropout, dropout_linear
 from methods.blocks.merge import WrapsLinear
 
 
@@ -20,11 +22,57 @@ def qkv_slices(dim: int, targets) -> dict[str, slice]:
     return {t: slice(order[t] * dim, (order[t] + 1) * dim) for t in targets}
 
 
+class _AddLowRank(torch.autograd.Function):
+    """y[..., a:b] += alpha · z Wᵀ in place (one GEMM accumulating into y, no N×d temporary).
+
+    y must not be saved by the op that made it (true for a linear's output); its gradient passes through
+    unchanged, and z, W get theirs from the slice."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, start, stop, alpha):
+        y2 = y.view(-1, y.shape[-1])
+        z2 = z.reshape(-1, z.shape[-1])
+        y2[:, start:stop].addmm_(z2.to(y.dtype), weight.t().to(y.dtype), alpha=alpha)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(z, weight)
+        ctx.cols, ctx.alpha = (start, stop), alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, weight = ctx.saved_tensors
+        start, stop = ctx.cols
+        gs = g.reshape(-1, g.shape[-1])[:, start:stop]
+        gz = gw = None
+        if ctx.needs_input_grad[1]:
+            gz = (gs @ weight.to(gs.dtype)).mul_(ctx.alpha).view(z.shape).to(z.dtype)
+        if ctx.needs_input_grad[2]:
+            gw = (gs.t() @ z.reshape(-1, z.shape[-1]).to(gs.dtype)).mul_(ctx.alpha).to(weight.dtype)
+        return g, gz, gw, None, None, None
+
+
+def add_low_rank_(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, cols: slice, alpha: float = 1.0):
+    """``y[:, cols] += alpha · F.linear(z, weight)`` on the flat rows of ``y``, in place; returns the result.
+
+    ``y``: a linear's tokens × out output that nothing saved for backward, best not a view (a view's
+    in-place update makes autograd copy its gradient); ``z``: (..., r) with as many rows; ``weight``: (|cols|, r)."""
+    start, stop, step = cols.indices(y.shape[-1])
+    if step != 1 or not y.is_contiguous():
+        out = y.clone()
+        out[..., cols] += alpha * F.linear(z, weight).reshape(*out[..., cols].shape).to(y.dtype)
+        return out
+    return _AddLowRank.apply(y, z, weight, start, stop, float(alpha))
+
+
 class LowRank(nn.Module):
-    """ΔW = scale · B A with A: r×in (kaiming-uniform a=√5), B: out×r (zeros): ΔW = 0 at init."""
+    """ΔW = scale · B A with A: r×in (kaiming-uniform a=√5), B: out×r (zeros): ΔW = 0 at init.
+
+    The delta of input x is scale · B · DP(A · Dropout(x)) (``dropout`` on the input, DropPath ``drop_path``
+    per sample; DropPath on the r-wide intermediate is DropPath on the output: it scales whole samples).
+    ``add_to`` accumulates it into a linear's output in place."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: Optional[float] = None,
-                 dropout: float = 0.0, device=None):
+                 dropout: float = 0.0, device=None, drop_path: float = 0.0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1 (got {rank})")
@@ -32,12 +80,21 @@ class LowRank(nn.Module):
         self.scale = (alpha if alpha is not None else rank) / rank
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if self.A.device.type != "meta":
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """DP(A · Dropout(x)), the r-wide intermediate."""
+        return self.drop_path(dropout_linear(x, self.A, None, self.dropout))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+        return F.linear(self.down(x), self.B) * self.scale
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, cols: slice) -> torch.Tensor:
+        """y[..., cols] + delta(x), written into ``y`` (see ``add_low_rank_``)."""
+        return add_low_rank_(y, self.down(x), self.B, cols, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scale
@@ -59,11 +116,14 @@ class DeltaLinear(WrapsLinear, nn.Module):
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base(x.reshape(-1, x.shape[-1]))  # tokens × out: deltas add into it in place
         for name, delta in self.deltas.items():
             s = self.slices[name]
-            y[..., s] = y[..., s] + delta(x)
-        return y
+            if hasattr(delta, "add_to"):
+                y = delta.add_to(y, x, s)
+            else:
+                y[:, s] = y[:, s] + delta(x).reshape(y.shape[0], -1)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def merged(self) -> nn.Linear:
         with torch.no_grad():

@@ -95,14 +95,17 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, delta, bias, weight, index, rows, cols, row_k=0, block=None):
         tokens = x.numel() // max(1, x.shape[-1])
         ctx.route = _route(index.numel(), weight.numel(), tokens, row_k, block)
-        ctx.has_bias, ctx.row_k = bias is not None, row_k
+        ctx.has_bias, ctx.row_k, ctx.x_dtype = bias is not None, row_k, x.dtype
         ctx.block = block if ctx.route == "block" else None
-        ctx.save_for_backward(x, delta, weight, index, rows, cols)
         w = weight.to(x.dtype)
         if ctx.route == "block":
+            # only x's |V| columns are needed for dL/dΔ: save those, not x
             u, v, loc = block
+            xv = x.index_select(-1, v)
+            ctx.save_for_backward(xv, delta, weight, index, rows, cols)
             y = F.linear(x, w, bias)
-            return y.index_add_(-1, u, F.linear(x.index_select(-1, v), _sub_block(delta, block).to(x.dtype)).to(y.dtype))
+            return y.index_add_(-1, u, F.linear(xv, _sub_block(delta, block).to(x.dtype)).to(y.dtype))
+        ctx.save_for_backward(x, delta, weight, index, rows, cols)
         if ctx.route == "regular":
             y = F.linear(x, w, bias)
             xs = x.index_select(-1, cols).view(*x.shape[:-1], weight.shape[0], row_k)
@@ -135,10 +138,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
                     gx.index_add_(-1, cols, (g2.unsqueeze(-1) * d.view(-1, k)).reshape(g2.shape[0], -1))
                 else:
                     gx.index_add_(-1, cols, g2.index_select(-1, rows) * d)
-            grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(x.dtype)
+            grad_x = gx.view(*g.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if route == "block":
-                sub = g_u.t().float() @ x2.index_select(1, v).float()
+                sub = g_u.t().float() @ x2.float()  # x2 holds x's columns V
                 grad_delta = sub.reshape(-1).index_select(0, loc).to(delta.dtype)
             elif k:
                 grad_delta = regular_delta_grad(g2, x2, cols, k).to(delta.dtype)
@@ -245,11 +248,15 @@ class SparseDeltaLinear(WrapsLinear, nn.Module):
         return scatter_delta(self.base.weight, self.weight_index, self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_flat(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+
+    def forward_flat(self, x2: torch.Tensor) -> torch.Tensor:
+        """The output for a 2-D input (tokens × in), as a fresh tensor (not a view: callers may add into it)."""
         b = self.effective_bias()
         if self.delta is None:
-            return F.linear(x, self.base.weight, b)
+            return F.linear(x2, self.base.weight, b)
         block = None if self.block_rows is None else (self.block_rows, self.block_cols, self.block_loc)
-        return _SparseDeltaLinear.apply(x, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols,
+        return _SparseDeltaLinear.apply(x2, self.delta, b, self.base.weight, self.weight_index, self.rows, self.cols,
                                         self.row_k, block)
 
     def fold_into_base(self) -> None:
