@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Method, register, unfreeze
+from methods.blocks.grad_scores import accumulate_grads
 from methods.blocks.merge import WrapsLinear
 from methods.blocks.sparse_delta import SparseDeltaLinear, scatter_delta
 
@@ -152,35 +153,16 @@ class GPS(Method):
         for parent, attr in targets:  # score the plain frozen layers (the wrappers give no weight gradient)
             setattr(parent, attr, getattr(parent, attr).base)
         weights = [getattr(p, a).weight for p, a in targets]
-        flags = {id(p): p.requires_grad for p in model.parameters()}
-        acc = [torch.zeros_like(w) for w in weights]
-        device = weights[0].device
-        was_training = model.training
-        n_img = 0
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
-            model.train()  # official calculate_gradient: train mode
-            for i, (x, y) in enumerate(train_loader):
-                if self.batches is not None and i >= int(self.batches):
-                    break
-                x, y = x.to(device), y.to(device)
-                if self.loss == "supcon":
-                    f = torch.stack([self._features(model, x), self._features(model, x)], dim=1)
-                    loss = supcon_loss(f, y, self.temperature)
-                else:
-                    loss = F.cross_entropy(model(x), y)
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                for a, g in zip(acc, grads):
-                    if g is not None:
-                        a.add_(g)  # summed gradient over batches (official: accumulated .grad)
-                n_img += int(y.shape[0])
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(flags[id(p)])
-            model.train(was_training)
+
+        def loss_of(m, x, y):
+            if self.loss == "supcon":
+                f = torch.stack([self._features(m, x), self._features(m, x)], dim=1)
+                return supcon_loss(f, y, self.temperature)
+            return F.cross_entropy(m(x), y)
+
+        # summed gradient over batches in train mode (official calculate_gradient: accumulated .grad)
+        acc, n_img = accumulate_grads(model, weights, train_loader, loss_of,
+                                      None if self.batches is None else int(self.batches))
         zero = 0
         for (parent, attr), a in zip(targets, acc):
             score = a.abs().reshape(a.shape[0], -1)

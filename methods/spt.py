@@ -100,6 +100,7 @@ from torch import nn
 from backbones import Sites, sites as get_sites
 from methods.base import Method, NotMergeableError, register
 from methods.blocks.dropout import FastDropout, dropout as make_dropout, dropout_linear
+from methods.blocks.grad_scores import accumulate_grads
 from methods.blocks.lora import LowRank, add_low_rank_
 from methods.blocks.sparse_delta import SparseDeltaLinear
 
@@ -566,30 +567,9 @@ def compute_sensitivity(model: nn.Module, entries: list[Entry], loader, batches:
         if id(t) not in seen:
             seen.add(id(t))
             tensors.append(t)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    acc = [torch.zeros_like(t) for t in tensors]
-    device = tensors[0].device
-    was_training = model.training
-    images = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in tensors:
-            t.requires_grad_(True)
-        model.train()  # official: train mode, stochastic depth active
-        for i, (x, y) in enumerate(loader):
-            if i >= batches:
-                break
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))  # plain mean CE per batch (official)
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a.add_(g.detach() * g.detach())
-            images += int(y.shape[0])
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        model.train(was_training)
+    # plain mean CE per batch (official), train mode
+    acc, images = accumulate_grads(model, tensors, loader, lambda m, x, y: F.cross_entropy(m(x), y), batches,
+                                   square=True)
     by_id = {id(t): a for t, a in zip(tensors, acc)}
     scores = {e.name: entry_view(by_id[id(base_tensor(s, e))], e).detach().float().cpu().clone() for e in entries}
     return scores, images
