@@ -104,3 +104,25 @@ def test_spt_linear_branches_and_sparse_delta_pass_gradcheck(monkeypatch, varian
     for a, r in zip(torch.autograd.grad(m(x), [x, *params], g), torch.autograd.grad(reference(x), [x, *params], g)):
         assert torch.allclose(a, r)
     assert torch.autograd.gradcheck(lambda x_: m(x_), (x,))
+
+
+@pytest.mark.parametrize("cols", [slice(0, 12), slice(4, 8)])
+def test_add_into_equals_slice_assignment_and_passes_gradcheck(cols):
+    """The path of deltas without a low-rank form (SNELL's kernels, FacT, VeRA, ...)."""
+    from methods.blocks.lora import add_into_
+
+    torch.manual_seed(0)
+    w0 = torch.randn(12, 5, dtype=D)
+    x = torch.randn(2, 3, 5, dtype=D, requires_grad=True)
+    d = torch.randn(2, 3, cols.stop - cols.start, dtype=D, requires_grad=True)
+
+    def inplace(x_, d_):
+        return add_into_(F.linear(x_.reshape(-1, 5), w0), d_ * 2, cols)
+
+    def reference(x_, d_):
+        y = F.linear(x_.reshape(-1, 5), w0)
+        y[:, cols] = y[:, cols] + (d_ * 2).reshape(6, -1)
+        return y
+
+    assert torch.allclose(inplace(x, d), reference(x, d))
+    assert torch.autograd.gradcheck(inplace, (x, d))

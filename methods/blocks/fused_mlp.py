@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.blocks.lora import DeltaLinear
+from methods.blocks.lora import DeltaLinear, add_into_
 
 
 class Deferred(nn.Module):
@@ -91,14 +91,11 @@ class PreDeltaLinear(DeltaLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self.pre.run
-        y = self.base(run(x))
+        h = run(x)
+        y = self.base(h.reshape(-1, h.shape[-1]))  # tokens × out, not a view: deltas add into it in place
         for name, delta in self.deltas.items():
-            s = self.slices[name]
-            if s.start in (0, None) and s.stop == y.shape[-1]:
-                y.add_(delta(x, pre=run))  # same values as DeltaLinear's y[..., s] = y[..., s] + d, no copy
-            else:
-                y[..., s] = y[..., s] + delta(x, pre=run)
-        return y
+            y = add_into_(y, delta(x, pre=run), self.slices[name])
+        return y.view(*h.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"pre={self.pre.kind}"

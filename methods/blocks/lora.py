@@ -64,6 +64,34 @@ def add_low_rank_(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, cols: 
     return _AddLowRank.apply(y, z, weight, start, stop, float(alpha))
 
 
+class _AddInto(torch.autograd.Function):
+    """y[:, a:b] += d in place; d's gradient is a view of y's (no copy, unlike a slice assignment, whose
+    backward clones the whole output gradient twice)."""
+
+    @staticmethod
+    def forward(ctx, y, d, start, stop):
+        y.view(-1, y.shape[-1])[:, start:stop].add_(d.reshape(-1, stop - start).to(y.dtype))
+        ctx.mark_dirty(y)
+        ctx.cols, ctx.d_shape, ctx.d_dtype = (start, stop), d.shape, d.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        start, stop = ctx.cols
+        gd = g.reshape(-1, g.shape[-1])[:, start:stop].reshape(ctx.d_shape).to(ctx.d_dtype)
+        return g, gd, None, None
+
+
+def add_into_(y: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
+    """``y[:, cols] += d`` on the flat rows of ``y`` (same conditions as ``add_low_rank_``); returns the result."""
+    start, stop, step = cols.indices(y.shape[-1])
+    if step != 1 or not y.is_contiguous():
+        out = y.clone()
+        out[..., cols] += d.reshape(*out[..., cols].shape).to(y.dtype)
+        return out
+    return _AddInto.apply(y, d, start, stop)
+
+
 class LowRank(nn.Module):
     """ΔW = scale · B A with A: r×in (kaiming-uniform a=√5), B: out×r (zeros): ΔW = 0 at init.
 
@@ -122,7 +150,7 @@ class DeltaLinear(WrapsLinear, nn.Module):
             if hasattr(delta, "add_to"):
                 y = delta.add_to(y, x, s)
             else:
-                y[:, s] = y[:, s] + delta(x).reshape(y.shape[0], -1)
+                y = add_into_(y, delta(x), s)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def merged(self) -> nn.Linear:
