@@ -63,12 +63,13 @@ def test_snell_custom_backward_matches_autograd_reference():
     A = torch.randn(2, 16, 4, dtype=torch.double, requires_grad=True)
     B = torch.randn(2, 24, 4, dtype=torch.double, requires_grad=True)
     g = torch.randn(3, 5, 24, dtype=torch.double)
+    from methods.blocks.dropout import p_effective
     from methods.blocks.kernel_lora import _dropout_keep
 
     for s, form, p in ((0.0, "code", 0.0), (0.6, "code", 0.0), (0.6, "paper", 0.0), (0.5, "code", 0.3)):
         y = KernelDeltaFn.apply(x, A, B, s, form, p, 1234)
         gx, ga, gb = torch.autograd.grad(y, (x, A, B), g)
-        xd = x * _dropout_keep(x, p, 1234).double() / (1 - p) if p else x  # the regenerated mask
+        xd = x * _dropout_keep(x, p, 1234).double() / (1 - p_effective(p)) if p else x  # the regenerated mask
         ref = xd @ sparse_delta(kernel_delta(A, B), s, form)  # graph through ΔW, magnitude factor detached
         rx, ra, rb = torch.autograd.grad(ref, (x, A, B), g)
         assert torch.allclose(y, ref) and torch.allclose(gx, rx) and torch.allclose(ga, ra) and torch.allclose(gb, rb)

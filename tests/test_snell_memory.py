@@ -7,6 +7,7 @@ import backbones
 import methods
 from helpers import TINY_VIT, build, images, method_cfg
 from methods.blocks.fused_mlp import Deferred, PreDeltaLinear, fuse_mlp
+from methods.blocks.dropout import p_effective
 from methods.blocks.kernel_lora import KernelDeltaFn, _dropout_keep, kernel_delta, sparse_delta
 
 B, N, DIM, HIDDEN, DEPTH = 4, 17, 32, 64, 2  # tiny ViT: 16 patches + cls, mlp ratio 2
@@ -36,8 +37,9 @@ def test_fused_saves_neither_gelu_nor_norm2_output():
                               "lora": ("lora", {})}.items():
         model, _ = build(name, **over)
         sizes[key] = saved_activation_bytes(model.train(), x)
-    # exactly one hidden-wide tensor (GELU's output) and one dim-wide tensor (norm2's output) per block less
-    assert sizes["unfused"] - sizes["fused"] == DEPTH * B * N * (HIDDEN + DIM) * 4
+    # exactly one hidden-wide tensor (GELU's output), one dim-wide tensor (norm2's output) and norm2's
+    # per-token mean and rstd (recomputed in backward) per block less
+    assert sizes["unfused"] - sizes["fused"] == DEPTH * B * N * (HIDDEN + DIM + 2) * 4
     # vs LoRA (q, v, r 8): SNELL also keeps proj's input (dim-wide per block) and DropPath masks; LoRA keeps
     # its r-wide intermediates. Measured here: 178,080 vs 177,344 bytes.
     assert sizes["fused"] <= sizes["lora"] + DEPTH * B * N * DIM * 4 + 1024
@@ -182,7 +184,7 @@ def test_kernel_fn_with_pre_matches_autograd_reference(pre, block, monkeypatch):
         assert {t.data_ptr() for t in saved} == {x.data_ptr(), A.data_ptr(), Bf.data_ptr()}  # not pre(x)
         gx, ga, gb = torch.autograd.grad(y, (x, A, Bf), g)
         h = fn(x) if fn is not None else x
-        hd = h * _dropout_keep(h, p, 99).double() / (1 - p) if p else h
+        hd = h * _dropout_keep(h, p, 99).double() / (1 - p_effective(p)) if p else h
         ref = hd @ sparse_delta(kernel_delta(A, Bf), s, form)
         rx, ra, rb = torch.autograd.grad(ref, (x, A, Bf), g)
         assert torch.allclose(y, ref) and torch.allclose(gx, rx) and torch.allclose(ga, ra) and torch.allclose(gb, rb)

@@ -30,23 +30,55 @@ def _levels(p: float) -> int:
     return round(p * _LEVELS)
 
 
-def _bits16(shape, device) -> torch.Tensor:
-    """16 uniform random bits per element, as int16 of ``shape``."""
+def p_effective(p: float) -> float:
+    """The drop probability actually used for ``p``: the nearest multiple of 2⁻¹⁶."""
+    return _levels(p) / _LEVELS
+
+
+_CHUNK = 1 << 20  # elements per draw: the int64 scratch stays at 2 MiB whatever the input size
+
+
+def _mask_chunks(n: int, p_levels: int, device, generator, drop: bool):
+    """(start, bool mask of the next ≤ ``_CHUNK`` elements), from 16 random bits per element (one 64-bit draw
+    per four elements); True where dropped (``drop``) or kept. The chunking is part of the random stream:
+    every mask of n elements is drawn through here."""
+    thresh = -(1 << 15) + p_levels
+    scratch = torch.empty((min(n, _CHUNK) + 3) // 4, dtype=torch.int64, device=device)
+    for start in range(0, n, _CHUNK):
+        m = min(n, start + _CHUNK) - start
+        bits = scratch[:(m + 3) // 4].random_(-(1 << 63), None, generator=generator).view(torch.int16)[:m]
+        yield start, (bits < thresh) if drop else (bits >= thresh)
+
+
+def _mask(shape, p_levels: int, device, generator, drop: bool) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
-    return bits.view(torch.int16)[:n].view(shape)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for start, chunk in _mask_chunks(n, p_levels, device, generator, drop):
+        out[start:start + chunk.numel()] = chunk
+    return out.view(shape)
 
 
-def keep_mask(shape, p_levels: int, device) -> torch.Tensor:
+def dropout_(t: torch.Tensor, p_levels: int, generator=None) -> torch.Tensor:
+    """In-place inverted dropout of a contiguous ``t`` with exactly the mask ``drop_mask(t.shape, p_levels,
+    t.device, generator)`` would draw from the same generator state, but never holding more than a chunk of
+    it: zero where dropped, the rest scaled by 1/(1 - p_levels/2¹⁶)."""
+    flat = t.view(-1)
+    for start, chunk in _mask_chunks(flat.numel(), p_levels, t.device, generator, drop=True):
+        flat[start:start + chunk.numel()].masked_fill_(chunk, 0)
+    return t.mul_(_LEVELS / (_LEVELS - p_levels))
+
+
+def keep_mask(shape, p_levels: int, device, generator=None) -> torch.Tensor:
     """True where an element is kept (probability 1 - p_levels/2¹⁶)."""
-    return _bits16(shape, device) >= -(1 << 15) + p_levels
+    return _mask(shape, p_levels, device, generator, drop=False)
 
 
-def drop_mask(shape, p_levels: int, device) -> torch.Tensor:
-    """True where an element is dropped (probability p_levels/2¹⁶)."""
-    return _bits16(shape, device) < -(1 << 15) + p_levels
+def drop_mask(shape, p_levels: int, device, generator=None) -> torch.Tensor:
+    """True where an element is dropped (probability p_levels/2¹⁶); the same ``generator`` state gives the
+    same mask (SNELL regenerates its masks in backward from a seed)."""
+    return _mask(shape, p_levels, device, generator, drop=True)
 
 
 class _MaskedScale(torch.autograd.Function):

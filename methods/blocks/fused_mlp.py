@@ -12,13 +12,16 @@ GELU(u) (hidden-wide, 3072/token on ViT-B) next to the u GELU keeps for its own 
   parameters (state-dict keys unchanged) and passes x through; fc1 becomes a ``PreDeltaLinear`` computing
   ``base(LN(x)) + branch`` with ``pre = LN``.
 
-The frozen path ``base(pre(x))`` runs under ordinary autograd (pre saves exactly what it would save anyway:
-x for GELU; x, mean, rstd for LayerNorm; the frozen linear saves nothing); the branch gets ``pre`` through
-``KernelDeltaFn``, which saves x (the same tensor, so no new memory) and rebuilds pre(x) in backward.
-Nothing hidden-wide or norm2-output-sized is stored beyond what LoRA stores. Forward values are the same
-operations on the same inputs as the unfused form, so outputs are bitwise equal; gradients with respect to
-x differ only by float summation order (the unfused form sums the two paths before one LayerNorm/GELU
-backward, the fused form runs that backward once per path), ~1e-7 relative.
+The frozen path ``base(pre(x))`` is one autograd function (``_FrozenPreLinear``) that saves only x, the
+tensor the pre-op would save anyway (GELU: its input; LayerNorm: its input, the per-token mean and rstd are
+recomputed); its backward runs the pre-op's backward in place on its own g·W buffer, a chunk of tokens at a
+time. The branch gets ``pre`` through ``KernelDeltaFn``, which saves x (the same tensor, so no new memory),
+rebuilds pre(x) in backward and also ends with the in-place pre-op backward. Nothing hidden-wide or
+norm2-output-sized is stored beyond what LoRA stores, and backward holds one hidden-wide gradient per
+path. Forward values are the same operations on the same inputs as the unfused form, so outputs are
+bitwise equal; gradients with respect to x differ only by float summation order (the unfused form sums
+the two paths before one LayerNorm/GELU backward, the fused form runs that backward once per path), ~1e-7
+relative.
 
 Used only where it is safe, else the block is left unfused (``fuse_mlp`` returns which parts it fused):
 the MLP is timm's ``Mlp`` (fc1 → act → drop1 → norm → fc2 → drop2) with ``drop1`` inactive (p = 0) and
@@ -30,9 +33,7 @@ the original module from ``merged()``, each ``PreDeltaLinear`` folds its deltas 
 Caveat: an ``mlp_*`` extension added to a block *after* it was fused would receive x, not norm2(x).
 
 Not in the official SNELL code (its branches sit on the linears under ``torch.utils.checkpoint``); this is a
-memory-only change. Unlike a single Function for the whole "norm → fc1 + branch" (or "GELU → fc2 + branch"),
-the frozen path stays under autograd here: the forward ops are then literally those of the unfused form
-(bitwise-equal outputs) and the frozen op still saves nothing new, so one Function would save no more.
+memory-only change (vit_b16, batch 32, CPU step benchmark: SNELL-32 peak 1.06× LoRA's).
 """
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ class Deferred(nn.Module):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.gelu(x, approximate=self.approximate)
 
+    def run_backward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """∂L/∂x given g = ∂L/∂run(x), without building run(x) (the parameters are frozen: no gradient)."""
+        if self.kind == "layer_norm":
+            shape = list(self.normalized_shape)
+            _, mean, rstd = torch.native_layer_norm(x, shape, self.weight, self.bias, self.eps)
+            return torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, self.weight, self.bias,
+                                                             [True, False, False])[0]
+        return torch.ops.aten.gelu_backward(g, x, approximate=self.approximate)
+
+    def run_backward_(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``run_backward`` written into ``g`` (contiguous, same dtype as x), ``ROWS`` tokens at a time: both
+        ops act row by row, so this is exact, and no second tokens × d buffer is made."""
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.view(-1, g.shape[-1])
+        for r in range(0, g2.shape[0], ROWS):
+            g2[r:r + ROWS] = self.run_backward(x2[r:r + ROWS], g2[r:r + ROWS])
+        return g
+
     def merged(self) -> nn.Module:
         for n, p in self.named_parameters(recurse=False):
             setattr(self.original, n, p)
@@ -77,6 +95,31 @@ class Deferred(nn.Module):
 
     def extra_repr(self) -> str:
         return f"deferred {type(self.original).__name__}: applied inside the next linear"
+
+
+ROWS = 512  # tokens per chunk of the in-place pre-op backward
+
+
+class _FrozenPreLinear(torch.autograd.Function):
+    """y = base(pre(x)) for a frozen base linear and a ``Deferred`` pre-op, saving only x (which the pre-op
+    would save anyway). Backward: ∂L/∂pre(x) = g·W is our own fresh buffer, so the pre-op's backward
+    overwrites it in place (``run_backward_``): one tokens × d_in buffer instead of two."""
+
+    @staticmethod
+    def forward(ctx, x2, pre, weight, bias):
+        with torch.no_grad():
+            y = F.linear(pre.run(x2), weight, bias)
+        ctx.save_for_backward(x2, weight)
+        ctx.pre = pre
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        gh = g @ weight.to(g.dtype)
+        return ctx.pre.run_backward_(x2, gh.to(x2.dtype)), None, None, None
 
 
 class PreDeltaLinear(DeltaLinear):
@@ -91,11 +134,11 @@ class PreDeltaLinear(DeltaLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self.pre.run
-        h = run(x)
-        y = self.base(h.reshape(-1, h.shape[-1]))  # tokens × out, not a view: deltas add into it in place
+        # tokens × out, a fresh tensor (deltas add into it in place); pre(x) is not kept
+        y = _FrozenPreLinear.apply(x.reshape(-1, x.shape[-1]), self.pre, self.base.weight, self.base.bias)
         for name, delta in self.deltas.items():
             y = add_into_(y, delta(x, pre=run), self.slices[name])
-        return y.view(*h.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"pre={self.pre.kind}"

@@ -23,19 +23,22 @@ mask are rebuilt in backward, and the kernel gradient is written out by hand (no
 The official code gets the recomputation from ``torch.utils.checkpoint`` (which still stores each
 branch's dropped-out input copy); unlike its reentrant checkpoint (SNELL class), ours gives the factors
 a gradient even when x does not require grad (the official code's failure on Swin/ConvNeXt). The input
-dropout lives inside the function (same distribution as ``nn.Dropout``: zero with probability p, scale
-1/(1−p); masks drawn from a per-call seed taken from torch's default generator).
+dropout lives inside the function (inverted dropout as ``nn.Dropout``, with ``methods.blocks.dropout``'s
+16-bit masks: p on a 2⁻¹⁶ grid, 0.1 → 0.100006; masks drawn from a per-call seed taken from torch's
+default generator).
 
 Transient memory (what the CPU step benchmark's peak RSS sees): on CPU, ΔW, the factor, ∂L/∂ΔW and the
 per-piece ratios are built one block of d_in rows at a time (``_BLOCK_ELEMS`` = 2¹⁹ entries), so a
 768×3072 branch never holds more than one full-size scratch (|ΔW| for τ, forward only; τ is reused in
 backward, so backward does no order statistic); τ comes from numpy's in-place partition instead of
-``kthvalue`` (which allocates an int64 index buffer twice the matrix); the dropout mask is a bool tensor and
-the dropped-out input is written in place where the buffer is the function's own (``pre``); DropPath
+``kthvalue`` (which allocates an int64 index buffer twice the matrix); the dropout mask is regenerated and
+applied a chunk at a time (never held whole), on the input in place where the buffer is the function's own
+(``pre``) and on the input gradient; DropPath
 multiplies the fresh branch output in place. Block-wise sums change float summation order only (outputs
 equal the one-block form to ~1e-7 relative). With ``pre`` (a frozen LayerNorm or GELU in front of the
 linear, ``methods.blocks.fused_mlp``) the function takes that op's input, saves it instead of the op's
-output and rebuilds the output in backward.
+output and rebuilds the output in backward; a ``Deferred`` pre-op's backward then runs in place on the
+function's own input-gradient buffer.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from methods.blocks.dropout import drop_mask, dropout_
 
 ALPHAS = (0.1, -0.1)
 FORMS = ("code", "paper")
@@ -89,9 +94,24 @@ def sparse_delta(w: torch.Tensor, sparsity: float, form: str = "code") -> torch.
 def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The dropout keep-mask, regenerated from ``seed`` (so it is never stored); the reference for tests,
     ``_drop_mask`` is its complement."""
-    g = torch.Generator(device=x.device)
+    return ~_drop_mask(x, p, seed)
+
+
+def _seeded(device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
     g.manual_seed(seed)
-    return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) >= p
+    return g
+
+
+def _drop_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Where dropout drops, from ``seed``: ``methods.blocks.dropout``'s 16-bit masks (p on a 2⁻¹⁶ grid,
+    ``p_effective``); the reference for tests (the function applies it chunk-wise, ``_dropout_``)."""
+    return drop_mask(x.shape, round(p * (1 << 16)), x.device, generator=_seeded(x.device, seed))
+
+
+def _dropout_(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``t`` ← t ⊙ ¬mask / (1 − p_eff) in place with ``_drop_mask``'s mask for ``seed``, a chunk at a time."""
+    return dropout_(t, round(p * (1 << 16)), generator=_seeded(t.device, seed))
 
 
 _BLOCK_ELEMS = 1 << 19  # ΔW is handled in blocks of d_in rows of at most this many entries (2 MiB in fp32)
@@ -143,13 +163,6 @@ def _factor(w: torch.Tensor, tau, form: str) -> torch.Tensor:
     return mag.sub_(tau).clamp_min_(0)
 
 
-def _drop_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Where ``_dropout_keep`` (same seed, same draws) drops: a bool tensor."""
-    g = torch.Generator(device=x.device)
-    g.manual_seed(seed)
-    return torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) < p
-
-
 class KernelDeltaFn(torch.autograd.Function):
     """y = dropout_p(pre(x)) · ΔW^s(A, B), ``pre`` optional (a frozen LayerNorm / GELU, see
     ``methods.blocks.fused_mlp``). Saves only x, A, B, a dropout seed and the threshold τ (a scalar):
@@ -157,8 +170,8 @@ class KernelDeltaFn(torch.autograd.Function):
     is written out by hand (∂/∂A_p[i] = α_p Σ_j R_ij (A_p[i] − B_p[j]), R = G/D_p, G = ∂L/∂ΔW ⊙ F), so
     backward needs no autograd graph (but pre's). Temporaries are kept small: on CPU, ΔW, F, G and R are
     only ever built a block of rows at a time (``_row_blocks``; forward needs one full |ΔW| scratch for
-    the order statistic τ, backward reuses τ from forward), the dropout mask is a bool tensor, and the
-    dropped-out pre(x) is written in place. Distances of exactly 0 get zero gradient (as cdist)."""
+    the order statistic τ, backward reuses τ from forward), the dropout mask is regenerated from the seed
+    and applied a chunk at a time (never held whole), and the dropped-out pre(x) is written in place. Distances of exactly 0 get zero gradient (as cdist)."""
 
     @staticmethod
     def forward(ctx, x, A, B, sparsity: float, form: str, p: float, seed: int, pre=None):
@@ -166,11 +179,9 @@ class KernelDeltaFn(torch.autograd.Function):
             d_in, d_out = A.shape[1], B.shape[1]
             blocks = _row_blocks(x, d_in, d_out)
             tau = _threshold(A, B, blocks, sparsity, form) if sparsity > 0 else None
-            h = pre(x) if pre is not None else x
-            if p > 0:
-                drop = _drop_mask(h, p, seed)
-                h = (h.masked_fill_(drop, 0) if pre is not None else h.masked_fill(drop, 0)).div_(1 - p)
-                del drop
+            h = pre(x).contiguous() if pre is not None else x
+            if p > 0:  # the dropped-out input, in place where the buffer is ours (pre(x)), else in a copy
+                h = _dropout_(h if pre is not None else h.clone(memory_format=torch.contiguous_format), p, seed)
             h2 = h.reshape(-1, d_in)
             # y is a fresh tensor, not a view (DropPath multiplies it in place); blocks accumulate into it
             y = torch.empty(*h.shape[:-1], d_out, dtype=h.dtype, device=h.device) if len(blocks) > 1 else None
@@ -196,22 +207,23 @@ class KernelDeltaFn(torch.autograd.Function):
         form, p, tau, pre = ctx.form, ctx.p, ctx.tau, ctx.pre
         need_x = ctx.needs_input_grad[0]
         x_leaf = pre_out = None
-        if pre is not None:  # rebuild pre(x); keep its graph only to pull the gradient back to x
-            if need_x:
-                x_leaf = x.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    pre_out = pre(x_leaf)
-                h = pre_out.detach()
-            else:
-                with torch.no_grad():
-                    h = pre(x)
+        # a Deferred pre-op (methods.blocks.fused_mlp) has its own backward: pre(x) is then rebuilt without a
+        # graph and freed before that backward runs; any other pre keeps a graph to pull the gradient back
+        pre_bwd = getattr(getattr(pre, "__self__", None), "run_backward_", None)
+        if pre is not None and need_x and pre_bwd is None:
+            x_leaf = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                pre_out = pre(x_leaf)
+            h, own = pre_out.detach(), False  # pre's graph may need its output: not ours to overwrite
+        elif pre is not None:
+            with torch.no_grad():
+                h, own = pre(x).contiguous(), True
         else:
-            h = x
+            h, own = x, False
         with torch.no_grad():
             d_in, d_out = A.shape[1], B.shape[1]
-            drop = _drop_mask(h, p, ctx.seed) if p > 0 else None
-            if drop is not None:  # the dropped-out input, in place where the buffer is ours
-                h = (h.masked_fill_(drop, 0) if pre is not None else h.masked_fill(drop, 0)).div_(1 - p)
+            if p > 0:  # the dropped-out input, as in forward
+                h = _dropout_(h if own else h.clone(memory_format=torch.contiguous_format), p, ctx.seed)
             h2, g2 = h.reshape(-1, d_in), gy.reshape(-1, d_out)
             gx2 = torch.empty(h2.shape[0], d_in, dtype=gy.dtype, device=gy.device) if need_x else None
             ga, gb = torch.zeros_like(A), torch.zeros_like(B)
@@ -240,10 +252,11 @@ class KernelDeltaFn(torch.autograd.Function):
             gx = None
             if need_x:
                 gx = gx2.reshape(*gy.shape[:-1], d_in)
-                if drop is not None:
-                    gx = gx.masked_fill_(drop, 0).div_(1 - p)
+                if p > 0:  # the same mask again (same seed), and the same 1/(1-p) scale
+                    gx = _dropout_(gx, p, ctx.seed)
+                if pre_bwd is not None:  # in place: gx is our own buffer
+                    gx = pre_bwd(x, gx.to(x.dtype).contiguous())
                 gx = gx.to(pre_out.dtype if pre_out is not None else x.dtype)
-            del drop
         if pre_out is not None and gx is not None:  # through the pre-op (LayerNorm / GELU backward)
             gx = torch.autograd.grad(pre_out, x_leaf, gx)[0]
         return gx, ga, gb, None, None, None, None, None
