@@ -126,3 +126,26 @@ def test_add_into_equals_slice_assignment_and_passes_gradcheck(cols):
 
     assert torch.allclose(inplace(x, d), reference(x, d))
     assert torch.autograd.gradcheck(inplace, (x, d))
+
+
+@pytest.mark.parametrize("name", ["lora", "spt_lora", "spt_adapter", "snell", "noah"])
+def test_branches_under_bf16_autocast(name):
+    """The runner trains under bf16 autocast on a GPU: the in-place and fused branch functions must take
+    mixed dtypes (bf16 activations, fp32 weights) and give every trained fp32 tensor a finite gradient.
+    CPU autocast stands in for CUDA's here."""
+    from helpers import build, images
+    from test_spt import tiny_loader
+
+    over = {"budget": "4k"} if name.startswith("spt") else {}
+    model, m = build(name, **over)
+    if m.needs_prepare:
+        m.prepare(model, tiny_loader(), torch.nn.CrossEntropyLoss())
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(images(4)).float().logsumexp(-1).mean()
+    loss.backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained
+    for n, p in trained:
+        assert p.dtype == torch.float32
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
