@@ -10,7 +10,8 @@ What the official ViT code does (``BlockSNELLParallel``) and what we do:
 * competition-based sparsification every forward (train and eval), s = ``sparsity`` = fraction zeroed,
   code form ΔW·stopgrad(|ΔW|·1[|ΔW|>τ]); ``sparse_form: paper`` switches to eq. 5; s = 0 is KLoRA.
   ``sparsity: auto`` takes the official per-task VTAB value (SNELL-32 scripts) from ``sparsity_table``;
-* input dropout 0.1 on q/k/v/fc1/fc2 (not proj) and DropPath 0.1 on every branch output;
+* input dropout 0.1 on q/k/v/fc1/fc2 (not proj) and DropPath 0.1 on every branch output; the dropout
+  masks take 16 random bits per element (``methods.blocks.dropout``), so p sits on a 2⁻¹⁶ grid (0.1 → 0.100006);
 * cls_token trained (as the official keyword list), LayerNorms, biases, pos_embed frozen;
 * ΔW is rebuilt in backward (custom autograd function instead of the official checkpoint; same memory,
   and, unlike the official reentrant checkpoint, every factor gets a gradient on backbones whose

@@ -67,6 +67,7 @@ down-projection (``methods.blocks.dropout.dropout_linear``: the mask is applied 
 the r×d weight) and every branch output is accumulated into the frozen linear's output in place with one
 rank-r GEMM (``methods.blocks.lora.add_low_rank_``; an adapter's up bias is its (r+1)-th rank), so no branch
 makes a tokens×d temporary in forward. Sparse deltas keep only the input columns they need for backward.
+Measured (CPU, batch 32): 0.70–0.78× ``full`` over five runs, median 0.72× (results/step_time_spt_runs.md).
 
 Trainable: structured modules, sparse deltas (own 1-D tensors), whole vectors, ``cls_token``, head.
 ``param_groups``: weight decay only on ≥2-D tensors that are not biases and not ``cls_token`` (official:
