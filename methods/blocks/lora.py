@@ -56,12 +56,16 @@ def add_low_rank_(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, cols: 
 
     ``y``: a linear's tokens × out output that nothing saved for backward, best not a view (a view's
     in-place update makes autograd copy its gradient); ``z``: (..., r) with as many rows; ``weight``: (|cols|, r)."""
+    span = _contiguous_span(y, cols)
+    if span is None:  # a strided slice or output: add the product out of place
+        return add_into_(y, alpha * F.linear(z, weight), cols)
+    return _AddLowRank.apply(y, z, weight, *span, float(alpha))
+
+
+def _contiguous_span(y: torch.Tensor, cols: slice):
+    """(start, stop) when ``y`` can take an in-place update of ``y[:, cols]`` (contiguous y, unit-step slice)."""
     start, stop, step = cols.indices(y.shape[-1])
-    if step != 1 or not y.is_contiguous():
-        out = y.clone()
-        out[..., cols] += alpha * F.linear(z, weight).reshape(*out[..., cols].shape).to(y.dtype)
-        return out
-    return _AddLowRank.apply(y, z, weight, start, stop, float(alpha))
+    return (start, stop) if step == 1 and y.is_contiguous() else None
 
 
 class _AddInto(torch.autograd.Function):
@@ -84,12 +88,12 @@ class _AddInto(torch.autograd.Function):
 
 def add_into_(y: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
     """``y[:, cols] += d`` on the flat rows of ``y`` (same conditions as ``add_low_rank_``); returns the result."""
-    start, stop, step = cols.indices(y.shape[-1])
-    if step != 1 or not y.is_contiguous():
+    span = _contiguous_span(y, cols)
+    if span is None:
         out = y.clone()
         out[..., cols] += d.reshape(*out[..., cols].shape).to(y.dtype)
         return out
-    return _AddInto.apply(y, d, start, stop)
+    return _AddInto.apply(y, d, *span)
 
 
 class LowRank(nn.Module):
