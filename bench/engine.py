@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.metrics import evaluate
+from bench import kinds
 from bench.optim import build_optimizer, build_scheduler, default_param_groups
 from datasets.base import Task, make_loader
 
@@ -63,7 +63,12 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
     test_loader = make_loader(task.split("test"), eval_bs, shuffle=False)
     select_loader = make_loader(task.split(select_role), eval_bs, shuffle=False) if select_role else None
 
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg.get("label_smoothing", 0.0)))
+    def evaluate(loader):
+        return kind.evaluate(model, loader, device, autocast, max_batch=eval_bs)
+
+    kind = kinds.get(getattr(task, "kind", "image_cls"))
+    metric = kind.metric
+    loss_fn = kind.loss_fn(tcfg)
     model.to(device)
     autocast = autocast_factory(device, tcfg.get("amp"))
 
@@ -93,10 +98,10 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         model.train()
         t0 = time.perf_counter()
         loss_sum, n_batches = 0.0, 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch in train_loader:
+            batch = kind.to_device(batch, device)
             with autocast() if autocast else contextlib.nullcontext():
-                loss = loss_fn(model(x), y)
+                loss = kind.train_loss(model, batch, loss_fn)
             opt.zero_grad(set_to_none=True)
             method.before_backward(model, loss)
             loss.backward()
@@ -108,7 +113,7 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
             method.after_step(model, opt)
             step += 1
             sched.step_update(step)
-            seen += y.shape[0]
+            seen += kind.batch_size(batch)
             loss_sum += loss.item()
             n_batches += 1
             bar.update(1)
@@ -119,10 +124,10 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         entry = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": opt.param_groups[0]["lr"]}
         last_epoch = epoch == epochs - 1
         if select_loader is not None and ((epoch + 1) % every == 0 or last_epoch):
-            res = evaluate(model, select_loader, device, autocast)
-            entry[f"{select_role}_top1"] = res["top1"]
-            if res["top1"] > best["score"]:
-                best = {"score": res["top1"], "epoch": epoch,
+            res = evaluate(select_loader)
+            entry[f"{select_role}_{metric}"] = res[metric]
+            if res[metric] > best["score"]:
+                best = {"score": res[metric], "epoch": epoch, "metrics": res,
                         "state": trainable_state(model) if select == "best_val" else None}
         history.append(entry)
         if logger is not None:
@@ -136,13 +141,16 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
             for n, v in best["state"].items():
                 params[n].copy_(v)
     if select == "best_test":
-        top1, chosen = best["score"], best["epoch"]
+        scores, chosen = best["metrics"], best["epoch"]
     else:
-        top1 = evaluate(model, test_loader, device, autocast)["top1"]
+        scores = evaluate(test_loader)
         chosen = best["epoch"] if select == "best_val" else epochs - 1
     mem, mem_kind = peak_memory_mb(device)
     return {
-        "top1": top1,
+        "metric": metric,
+        "score": scores[metric],
+        "metrics": {k: scores[k] for k in kind.metrics if k in scores},
+        "eval_views": scores.get("views", 1),
         "selected_epoch": chosen,
         "select_score": best["score"] if select_role else None,
         "history": history,

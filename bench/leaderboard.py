@@ -21,24 +21,27 @@ from bench.metrics import ppt
 from bench.results import load_records, write_text_atomic
 
 REFERENCE_DIR = ROOT / "results" / "reference"
-KEYS = ["benchmark", "backbone", "select", "method", "variant", "dataset"]
+KEYS = ["benchmark", "backbone", "select", "metric", "method", "variant", "dataset"]
 
 
 def records_frame(results_dir: str | Path) -> pd.DataFrame:
     rows = []
     for r in load_records(results_dir):
-        if r.get("status") != "ok" or r.get("top1") is None:
+        metric = r.get("metric") or "top1"
+        score = (r.get("metrics") or {}).get(metric, r.get("score", r.get("top1")))
+        if r.get("status") != "ok" or score is None:
             continue
         proto = r.get("protocol", {})
         ds_cfg = (r.get("config") or {}).get("dataset") or {}
         rows.append({
             "benchmark": r["benchmark"], "backbone": r["backbone"], "select": proto.get("select", "last"),
             "method": r["method"], "variant": r.get("variant") or "", "dataset": r["dataset"].split("/")[-1],
-            "group": ds_cfg.get("group"), "seed": int(r["seed"]), "top1": float(r["top1"]),
+            "group": ds_cfg.get("group"), "seed": int(r["seed"]), "metric": metric, "score": float(score),
             "params": int(r["trainable_params"]), "select_score": proto.get("select_score"),
             "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
             "created": r.get("created", ""), "run_id": r.get("run_id", ""),
             "epochs": (proto.get("schedule") or {}).get("epochs"),
+            "views": proto.get("eval_views", 1),
         })
     df = pd.DataFrame(rows)
     if df.empty:
@@ -53,7 +56,7 @@ def label_schedules(df: pd.DataFrame) -> pd.DataFrame:
     """Runs of one method variant under different epoch counts (the default job's 10 epochs beside a
     sweep's 3) are different rows: their variant gets ``<n> ep`` appended, never mixed into one mean."""
     df = df.copy()
-    key = ["benchmark", "backbone", "select", "method", "variant"]
+    key = ["benchmark", "backbone", "select", "metric", "method", "variant"]
     several = df.groupby(key)["epochs"].transform("nunique") > 1
     tag = df["epochs"].map(lambda e: f"{e} ep" if e >= 0 else "? ep")
     df.loc[several, "variant"] = [f"{v},{t}" if v else t for v, t in zip(df.loc[several, "variant"], tag[several])]
@@ -90,19 +93,26 @@ def mean_cell(values: list[float], expected: int) -> str:
     return f"{sum(values) / len(values):.1f}" + ("" if len(values) >= expected else "*")
 
 
-def load_reference(benchmark: str, backbone: str) -> pd.DataFrame:
-    """Published numbers: CSV rows (benchmark, backbone, method, dataset, top1, params, source)."""
+def load_reference(benchmark: str, backbone: str, metric: str = "top1") -> pd.DataFrame:
+    """Published numbers: CSV rows (benchmark, backbone, method, dataset, top1, params, source); a table of
+    another metric has a ``metric`` column (rows without one are top1) and the value in ``top1``'s place
+    or in a ``score`` column."""
     frames = []
     for p in sorted(REFERENCE_DIR.glob("*.csv")) if REFERENCE_DIR.is_dir() else []:
         df = pd.read_csv(p, comment="#")
-        need = {"benchmark", "backbone", "method", "dataset", "top1"}
-        if not need.issubset(df.columns):
-            raise ValueError(f"reference table {p} lacks columns {sorted(need - set(df.columns))}")
+        need = {"benchmark", "backbone", "method", "dataset"}
+        if not need.issubset(df.columns) or not {"top1", "score"} & set(df.columns):
+            raise ValueError(f"reference table {p} lacks columns {sorted(need - set(df.columns))} or top1/score")
+        if "metric" not in df.columns:
+            df["metric"] = "top1"
+        if "score" not in df.columns:
+            df["score"] = df["top1"]
         frames.append(df)
     if not frames:
         return pd.DataFrame()
     ref = pd.concat(frames, ignore_index=True)
-    return ref[(ref["benchmark"] == benchmark) & (ref["backbone"] == backbone)]
+    ref["metric"] = ref["metric"].fillna("top1")
+    return ref[(ref["benchmark"] == benchmark) & (ref["backbone"] == backbone) & (ref["metric"] == metric)]
 
 
 def val_selected_rows(sub: pd.DataFrame) -> pd.DataFrame:
@@ -133,7 +143,7 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
     extra = val_selected_rows(sub) if sub["select"].iloc[0] == "best_val" else pd.DataFrame()
     both = pd.concat([sub, extra], ignore_index=True) if not extra.empty else sub
     agg = both.groupby(["method", "variant", "dataset"]).agg(
-        mean=("top1", "mean"), std=("top1", "std"), n=("top1", "size"), params=("params", "mean"))
+        mean=("score", "mean"), std=("score", "std"), n=("score", "size"), params=("params", "mean"))
     rows = []
     for (method, variant), g in agg.groupby(level=[0, 1]):
         g = g.droplevel([0, 1])
@@ -153,21 +163,21 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
             chosen = extra[extra["method"] == method].sort_values(["dataset", "seed"])
             picks = ", ".join(f"{d}: {'/'.join(sorted(set(c['chosen'])))}" for d, c in chosen.groupby("dataset"))
             notes.append(f"{label}: {picks}")
-    ref = load_reference(benchmark, backbone)
+    ref = load_reference(benchmark, backbone, str(sub["metric"].iloc[0]))
     for method, g in ref.groupby("method") if not ref.empty else []:
         g = g.drop_duplicates("dataset").set_index("dataset")
         row = {"method": f"{method} (published)"}
         for ds in datasets:
             if ds in g.index:
-                val = float(g.loc[ds, "top1"])
+                val = float(g.loc[ds, "score"])
                 ours = agg.loc[(method, "", ds), "mean"] if (method, "", ds) in agg.index else None
                 row[ds] = f"{val:.1f}" + (f" (Δ {ours - val:+.1f})" if ours is not None else "")
             else:
                 row[ds] = ""
         for grp in sorted(groups):  # published group means (e.g. SPT/SNELL report only those)
             key = f"mean_{grp}"
-            row[f"{grp} mean"] = f"{float(g.loc[key, 'top1']):.1f}" if key in g.index else ""
-        row["mean"] = f"{float(g.loc['mean', 'top1']):.1f}" if "mean" in g.index else ""
+            row[f"{grp} mean"] = f"{float(g.loc[key, 'score']):.1f}" if key in g.index else ""
+        row["mean"] = f"{float(g.loc['mean', 'score']):.1f}" if "mean" in g.index else ""
         p = g["params"].dropna() if "params" in g.columns else pd.Series(dtype=float)
         row["params (M)"] = f"{float(p.iloc[0]):.3f}" if len(p) else ""
         row["PPT"] = ""
@@ -182,20 +192,31 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
                     disable_numparse=True), notes
 
 
+METRIC_NAMES = {"top1": "top-1 %", "top5": "top-5 %", "box_ap": "box AP", "mask_ap": "mask AP",
+                "box_ap50": "box AP50", "miou": "mIoU %"}
+
+
+def metric_names(df: pd.DataFrame) -> str:
+    return " / ".join(METRIC_NAMES.get(m, m) for m in sorted(df["metric"].unique()))
+
+
 def render(df: pd.DataFrame, benchmark: str) -> str:
     sub_all = df[df["benchmark"] == benchmark]
     lines = [f"# Leaderboard: {benchmark}", "",
              "Generated by `python -m bench.leaderboard` from the records under `runs/`; do not edit by hand.",
-             "Cells: top-1 % mean ± std over seeds (n = seeds). params: trainable parameters excluding the head, "
+             f"Cells: {metric_names(sub_all)} mean ± std over seeds (n = seeds). params: trainable parameters excluding the head, "
              "mean over datasets. mean: arithmetic mean over datasets; group means likewise. "
              "PPT = mean·exp(−log10(params/1e7 + 1)). * = mean over fewer datasets than the benchmark defines.", ""]
-    for (backbone, select), sub in sorted(sub_all.groupby(["backbone", "select"])):
+    for (backbone, select, metric), sub in sorted(sub_all.groupby(["backbone", "select", "metric"])):
         splits = sub[["train_split", "eval_split"]].drop_duplicates()
         split_txt = "; ".join(f"train on {a} → evaluate on {b}" for a, b in splits.itertuples(index=False))
         tag = " — TEST-SELECTED (best test epoch; only for comparison with the anchors)" if select == "best_test" else ""
         epochs = sorted(e for e in sub["epochs"].unique() if e >= 0)
         ep_txt = f" Epochs: {', '.join(map(str, epochs))}." if epochs else ""
-        lines += [f"## backbone {backbone} · protocol eval.select={select}{tag}", "", f"Splits: {split_txt}.{ep_txt}", ""]
+        views = sorted({int(v) for v in sub["views"].dropna().unique()}) if "views" in sub else []
+        view_txt = f" Views per test example: {', '.join(map(str, views))} (logits averaged)." if views and views != [1] else ""
+        lines += [f"## backbone {backbone} · protocol eval.select={select}{tag} · metric {metric}", "",
+                  f"Splits: {split_txt}.{ep_txt}{view_txt}", ""]
         md, notes = table(sub, benchmark, backbone)
         lines += [md, ""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -211,18 +232,19 @@ def regenerate(results_dir: str | Path) -> list[Path]:
         path = Path(results_dir) / benchmark / "leaderboard.md"
         write_text_atomic(path, render(df, benchmark))
         written.append(path)
-        for (backbone, select), sub in sorted(df[df["benchmark"] == benchmark].groupby(["backbone", "select"])):
-            png = Path(results_dir) / benchmark / f"pareto_{backbone}_{select}.png"
-            if pareto.plot(method_points(sub), f"{benchmark} · {backbone} · eval.select={select}", png):
+        for (backbone, select, metric), sub in sorted(df[df["benchmark"] == benchmark].groupby(["backbone", "select", "metric"])):
+            suffix = "" if metric == "top1" else f"_{metric}"
+            png = Path(results_dir) / benchmark / f"pareto_{backbone}_{select}{suffix}.png"
+            if pareto.plot(method_points(sub), f"{benchmark} · {backbone} · eval.select={select}", png, metric):
                 written.append(png)
     return written
 
 
 def method_points(sub: pd.DataFrame) -> pd.DataFrame:
-    """One point per method row: mean top-1 over the datasets it ran (seed means first), mean params,
+    """One point per method row: mean score over the datasets it ran (seed means first), mean params,
     and how many datasets that mean covers."""
-    per_ds = sub.groupby(["method", "variant", "dataset"]).agg(top1=("top1", "mean"), params=("params", "mean"))
-    pts = per_ds.groupby(level=[0, 1]).agg(top1=("top1", "mean"), params=("params", "mean"), datasets=("top1", "size"))
+    per_ds = sub.groupby(["method", "variant", "dataset"]).agg(score=("score", "mean"), params=("params", "mean"))
+    pts = per_ds.groupby(level=[0, 1]).agg(score=("score", "mean"), params=("params", "mean"), datasets=("score", "size"))
     pts = pts.reset_index()
     pts["label"] = [m + (f" [{v}]" if v else "") for m, v in zip(pts["method"], pts["variant"])]
     return pts

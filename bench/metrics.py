@@ -38,17 +38,8 @@ def count_params(model: nn.Module, head: nn.Module) -> dict[str, int]:
     }
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast=None) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over a loader."""
-    model.eval()
-    correct = seen = 0
-    loss_sum = 0.0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        seen += y.numel()
-    return {"top1": 100.0 * correct / max(seen, 1), "loss": loss_sum / max(seen, 1), "n": seen}
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over an image loader (``bench.kinds``' image_cls)."""
+    from bench import kinds
+
+    return kinds.get("image_cls").evaluate(model, loader, device, autocast)

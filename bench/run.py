@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench import env
+from bench import env, kinds
 from bench.imports import import_suite
 from bench.metrics import count_params, ppt
 
@@ -108,7 +108,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         log.warning("no recipe for method %s on dataset %s (no conf/recipe/%s/%s.yaml): using the method's "
                     "defaults", method.name, task.name, method.name, task.name)
     out = train_and_evaluate(model, method, task, cfg, device, logger)
-    top1 = out["top1"]
+    metric, score = out["metric"], out["score"]
     counts = count_params(model, backbones.head_of(model))  # after prepare (data-dependent methods)
     rec = {
         "schema": 1,
@@ -121,10 +121,13 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         "method": method.name,
         "variant": variant,
         "seed": int(cfg.seed),
-        "metric": "top1",
-        "top1": top1,
+        "kind": getattr(task, "kind", "image_cls"),
+        "metric": metric,
+        "score": score,
+        "metrics": out["metrics"],
+        **({"top1": score} if metric == "top1" else {}),
         **counts,
-        "ppt": ppt(top1 / 100.0, counts["trainable_params"]),
+        "ppt": ppt(score / 100.0, counts["trainable_params"]),
         "protocol": {
             "select": str(cfg.eval.select),
             "test_selected": str(cfg.eval.select) == "best_test",
@@ -134,6 +137,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "selected_epoch": out["selected_epoch"],
             "select_score": out["select_score"],
             "image_size": task.image_size,
+            "eval_views": out["eval_views"],
+            **kinds.get(getattr(task, "kind", "image_cls")).protocol(task),
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
             "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
             "schedule": {k: resolved["train"].get(k) for k in ("epochs", "warmup_epochs", "warmup_lr", "min_lr")},
@@ -153,8 +158,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         "config": resolved,
     }
     path = write_record(cfg.results.dir, rec)
-    logger.finish({"top1": top1, "ppt": rec["ppt"]})
+    logger.finish({metric: score, "ppt": rec["ppt"]})
     rec["_path"] = str(path)
-    print(f"[{run_name}] top1 {top1:.2f}% | trained params {counts['trainable_params']:,} (+{counts['head_params']:,} head) "
+    print(f"[{run_name}] {metric} {score:.2f}% | trained params {counts['trainable_params']:,} (+{counts['head_params']:,} head) "
           f"| PPT {rec['ppt']:.4f} | {rec['perf']['wall_s']:.1f}s | record {path}")
     return rec

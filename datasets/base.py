@@ -78,7 +78,8 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop
 
 @dataclass
 class Task:
-    """A classification task with named splits and the protocol's split roles."""
+    """A task with named splits and the protocol's split roles; ``kind`` selects its loss, metric and
+    evaluation loop (``bench.kinds``: image_cls, video_cls)."""
 
     name: str
     benchmark: str
@@ -89,6 +90,7 @@ class Task:
     mean: Sequence[float]
     std: Sequence[float]
     info: dict = field(default_factory=dict)
+    kind: str = "image_cls"
 
     def split(self, role: str) -> Dataset:
         name = self.roles.get(role)

@@ -77,7 +77,7 @@ def test_pareto_front_keeps_undominated_methods():
     from bench.pareto import pareto_front
 
     pts = pd.DataFrame({"label": ["linear", "bitfit", "lora", "adapter", "full"],
-                        "params": [0, 100, 1000, 1000, 10 ** 6], "top1": [20.0, 15.0, 60.0, 55.0, 58.0]})
+                        "params": [0, 100, 1000, 1000, 10 ** 6], "score": [20.0, 15.0, 60.0, 55.0, 58.0]})
     assert list(pareto_front(pts)["label"]) == ["linear", "lora"]
 
 

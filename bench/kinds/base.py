@@ -1,0 +1,60 @@
+"""The task-kind interface and its registry (see ``bench.kinds``)."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+class TaskKind:
+    """Base class. ``metric`` is the primary metric (higher is better); ``metrics`` lists every key
+    ``evaluate`` returns that is a score (the rest, e.g. ``loss`` and ``n``, are bookkeeping)."""
+
+    name: str = "?"
+    metric: str = "?"
+    metrics: tuple[str, ...] = ()
+
+    def loss_fn(self, train_cfg) -> Callable:
+        """The training criterion, called as ``loss_fn(output, target)``; methods' ``prepare`` get it too."""
+        raise NotImplementedError
+
+    def to_device(self, batch, device: torch.device):
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def batch_size(self, batch) -> int:
+        return int(batch[1].shape[0])
+
+    def train_loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+        x, y = batch
+        return loss_fn(model(x), y)
+
+    def evaluate(self, model: nn.Module, loader, device: torch.device,
+                 autocast: Optional[Callable] = None, max_batch: Optional[int] = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def protocol(self, task) -> dict:
+        """Facts about the evaluation protocol for the record (e.g. video views)."""
+        return {}
+
+
+_KINDS: dict[str, TaskKind] = {}
+
+
+def register(kind: TaskKind) -> TaskKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get(name: str) -> TaskKind:
+    if name not in _KINDS:
+        close = difflib.get_close_matches(str(name), sorted(_KINDS), n=1, cutoff=0.0)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown task kind '{name}' (a dataset's Task.kind).{hint} Known: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def names() -> list[str]:
+    return sorted(_KINDS)
