@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.registry import BACKBONES
-from backbones import convnext, swin, vit  # noqa: F401  (register the families)
+from backbones import convnext, swin, video_swin, video_vit, vit  # noqa: F401  (register the families)
 from backbones.sites import MethodNotDefinedError, Sites, sites
 
 __all__ = ["build", "sites", "Sites", "MethodNotDefinedError", "head_of"]

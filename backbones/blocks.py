@@ -11,6 +11,8 @@ bit-identical and the state-dict keys are the same. Extensions live in ``block.p
                     (x: branch input on the residual stream, h: norm1(x)); not under drop-path
 * ``mid``           x -> x on the residual stream between the attention and the MLP branch
 * ``mlp_before`` / ``mlp_after`` / ``mlp_parallel``  the same for the MLP branch (norm2)
+* ``attn_inner`` / ``mlp_inner``  (x, h) -> delta added to the branch's own output, before layer-scale and
+                    drop-path (a parallel adapter living inside the sub-layer, as V-PETL's Video-Swin AdaptFormer)
 * ``out``           x -> x after the block
 
 Swin blocks (``backbones.swin.AdaptableSwinBlock``) have every point but ``tokens`` and hand extensions
@@ -35,6 +37,8 @@ EXTENSION_KEYS = (
     "mlp_before",
     "mlp_after",
     "mlp_parallel",
+    "attn_inner",
+    "mlp_inner",
     "out",
 )
 
@@ -67,6 +71,8 @@ def run_branch(
     y = fn(y)
     for m in ext[f"{name}_after"] if f"{name}_after" in ext else ():
         y = m(y)
+    for m in ext[f"{name}_inner"] if f"{name}_inner" in ext else ():
+        y = y + m(x, h)
     out = x + post(y)
     for m in ext[f"{name}_parallel"] if f"{name}_parallel" in ext else ():
         out = out + m(x, h)

@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
     pass
 
 
-COMMON_KEYS = ("name", "family", "img_size", "mean", "std", "checkpoint")
+COMMON_KEYS = ("name", "family", "img_size", "mean", "std", "checkpoint", "method_defaults")
 
 
 def check_keys(cfg, args: tuple[str, ...]) -> None:

@@ -1,7 +1,9 @@
 """A uniform view of where PETL methods attach, so methods never hard-code module paths.
 
 Families: ``vit`` (timm ViT, one list of blocks), ``swin`` (every block of every stage, in order;
-``layers.i.blocks.j``) and ``convnext`` (``stages.i.blocks.j``). A site a family lacks (qkv/proj/norm1/
+``layers.i.blocks.j``), ``convnext`` (``stages.i.blocks.j``), and for video ``video_vit`` (VideoMAE's
+ViT: timm blocks, no class token) and ``video_swin`` (torchvision's Swin3d: ``features.{2i}.{j}``, MLP
+linears ``mlp.0``/``mlp.3``). Methods opt in to a family by listing it in ``Method.families``. A site a family lacks (qkv/proj/norm1/
 num_heads on ConvNeXt, the ``tokens`` extension on Swin and ConvNeXt, ...) raises ``MethodNotDefinedError``
 naming the method (set by ``Sites.require``) and the family. ``BlockSites.dim`` is the block's own width.
 
@@ -21,6 +23,8 @@ from backbones.blocks import EXTENSION_KEYS, add_extension
 
 LINEAR_SITES = ("qkv", "proj", "fc1", "fc2")
 _LINEAR_PATHS = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc1": ("mlp", "fc1"), "fc2": ("mlp", "fc2")}
+# torchvision's Swin blocks (video_swin) keep their MLP as a Sequential: Linear, GELU, Dropout, Linear, Dropout
+_FAMILY_PATHS = {"video_swin": {**_LINEAR_PATHS, "fc1": ("mlp", "0"), "fc2": ("mlp", "3")}}
 
 
 class MethodNotDefinedError(NotImplementedError):
@@ -54,7 +58,7 @@ class BlockSites:
         return {n: self.linear(n) for n in self.linear_names}
 
     def linear_path(self, name: str) -> str:
-        return f"{self.prefix}.{'.'.join(_LINEAR_PATHS[name])}"
+        return f"{self.prefix}.{'.'.join(_FAMILY_PATHS.get(self.family, _LINEAR_PATHS)[name])}"
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -96,7 +100,7 @@ class BlockSites:
             raise KeyError(f"unknown linear site '{name}'; known: {', '.join(LINEAR_SITES)}")
         if name not in self.linear_names:
             raise self._lacks(f"'{name}' linear", ", ".join(self.linear_names))
-        first, attr = _LINEAR_PATHS[name]
+        first, attr = _FAMILY_PATHS.get(self.family, _LINEAR_PATHS)[name]
         return getattr(self.block, first), attr
 
 
@@ -137,9 +141,13 @@ class Sites:
 
 def sites(model: nn.Module) -> Sites:
     family = getattr(model, "petl_family", None)
-    if family == "vit":
-        blocks = [BlockSites(i, b, f"blocks.{i}") for i, b in enumerate(model.blocks)]
-        return Sites("vit", model, blocks, model.embed_dim, model.num_prefix_tokens)
+    if family in ("vit", "video_vit"):
+        blocks = [BlockSites(i, b, f"blocks.{i}", family) for i, b in enumerate(model.blocks)]
+        return Sites(family, model, blocks, model.embed_dim, model.num_prefix_tokens)
+    if family == "video_swin":  # torchvision: features.{2i} = stage i's blocks, features.{2i+1} = its merging
+        paths = [(f"features.{2 * i}.{j}", b) for i, st in enumerate(model.features[0::2]) for j, b in enumerate(st)]
+        blocks = [BlockSites(n, b, p, family) for n, (p, b) in enumerate(paths)]
+        return Sites(family, model, blocks, blocks[0].dim, 0)
     if family in ("swin", "convnext"):
         stages = model.layers if family == "swin" else model.stages
         top = "layers" if family == "swin" else "stages"

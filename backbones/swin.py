@@ -31,7 +31,7 @@ class AdaptableSwinBlock(SwinTransformerBlock):
     """
 
     extension_keys = ("attn_before", "attn_after", "attn_parallel", "mid", "mlp_before", "mlp_after",
-                      "mlp_parallel", "out")
+                      "mlp_parallel", "mlp_inner", "out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = self.petl

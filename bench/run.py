@@ -37,8 +37,11 @@ def method_variant(overrides: list[str]) -> str:
 def effective_drop_path(model) -> float:
     """The largest stochastic-depth rate left in the model (a method may switch it off, e.g. VPT-Deep)."""
     from timm.layers import DropPath
+    from torchvision.ops import StochasticDepth
 
-    return round(max((float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)), default=0.0), 6)
+    rates = [float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)]
+    rates += [float(m.p) for m in model.modules() if isinstance(m, StochasticDepth)]  # torchvision (Video Swin)
+    return round(max(rates, default=0.0), 6)
 
 
 def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):

@@ -16,7 +16,7 @@ from methods.blocks import Bottleneck, SequentialAdapter
 
 @register("adapter")
 class Adapter(Method):
-    families = ("vit", "swin", "convnext")
+    families = ("vit", "swin", "convnext", "video_vit", "video_swin")
     identity_at_init = True
 
     def inject(self, model, sites):

@@ -7,6 +7,13 @@ is outside the drop-path). Official defaults, kept here: scale s = 0.1 (fixed),
 biases 0 — so the model equals the frozen one at step 0. Bottleneck 8 as V-PETL Bench (the official image
 scripts pass ``--ffn_num 64``; set ``bottleneck: 64`` for that). ViT-B/16: 12·(6,152 + 6,912) = 156,768.
 
+Video (AdaptFormer's ``vit_video.py`` and V-PETL's Video-Swin ``Mlp``): on ``video_vit`` the adapter is the
+image one (residual-stream input, outside the drop-path); on ``video_swin`` it lives inside the MLP module as
+V-PETL writes it: input LN2(x), added to the MLP output before the block's drop-path (``mlp_inner``).
+The video backbones set the official video defaults through ``backbone.method_defaults.adaptformer``:
+bottleneck 64 (ViT-B 12·99,136 = 1,189,632; Video Swin-B Σ(129·C + 64) = 1,553,664) and, on Video Swin,
+dropout 0 (V-PETL's ``--drop``).
+
 ``layernorm: in`` adds the official optional input LayerNorm (eps 1e-5, trainable) → 175,200, which
 is what V-PETL Bench's AdaptFormer trains (it also uses scale 1.0 and, because timm re-initialises
 every Linear, a non-zero up-projection; its README's 0.16M is the count without the LayerNorm).
@@ -15,18 +22,25 @@ from methods.base import Method, register
 from methods.blocks.adapter import Bottleneck, ParallelAdapter
 
 
+def inject_adaptformer(method: Method, sites) -> None:
+    """One AdaptFormer bottleneck per block (shared with BAPAT); placement per family, see the module doc."""
+    ln = method.get("layernorm", "none")
+    if ln not in ("none", "in"):
+        raise ValueError(f"{method.name}: method.layernorm='{ln}' must be none or in")
+    hidden, scale = int(method.get("bottleneck", 8)), float(method.get("scale", 0.1))
+    inside = sites.family == "video_swin"
+    for b in sites:
+        f = Bottleneck(b.dim, hidden, act=method.get("act", "relu"), scale=scale,
+                       layernorm="in" if ln == "in" else None, dropout=float(method.get("dropout", 0.1)),
+                       device=b.norm2.weight.device)
+        b.extend("mlp_inner" if inside else "mlp_parallel", ParallelAdapter(f, source="normed" if inside else "residual"))
+
+
 @register("adaptformer")
 class AdaptFormer(Method):
-    families = ("vit", "swin")  # the authors' code also adapts Swin (video); ConvNeXt has no MLP branch of this form
+    # the authors' code also adapts Swin (video); ConvNeXt has no MLP branch of this form
+    families = ("vit", "swin", "video_vit", "video_swin")
     identity_at_init = True
 
     def inject(self, model, sites):
-        ln = self.get("layernorm", "none")
-        if ln not in ("none", "in"):
-            raise ValueError(f"adaptformer: method.layernorm='{ln}' must be none or in")
-        hidden, scale = int(self.get("bottleneck", 8)), float(self.get("scale", 0.1))
-        for b in sites:
-            f = Bottleneck(b.dim, hidden, act=self.get("act", "relu"), scale=scale,
-                           layernorm="in" if ln == "in" else None, dropout=float(self.get("dropout", 0.1)),
-                           device=b.norm2.weight.device)
-            b.extend("mlp_parallel", ParallelAdapter(f, source="residual"))
+        inject_adaptformer(self, sites)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from methods.base import Method, register
+from methods.blocks.merge import write_bias_
 
 POSITIONS = {"attn": ("attn_before", "qkv"), "mlp": ("mlp_before", "fc1")}
 
@@ -78,7 +79,7 @@ class ARCAdapter(nn.Module):
 
 
 class _ARCBase(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     mergeable = True
     positions: tuple[str, ...] = ("attn", "mlp")
 
@@ -116,7 +117,7 @@ class _ARCBase(Method):
                             raise ValueError(f"ARC merge needs a bias on {b.linear_path(lin_name)} to absorb the adapter bias")
                         W = lin.weight.data
                         M = ad.matrix().to(W.dtype)
-                        lin.bias.data += W @ ad.bias.to(W.dtype)
+                        write_bias_(lin, lin.bias + W @ ad.bias.to(W.dtype))
                         lin.weight.data = W @ M
                     del b.block.petl[key]
         if hasattr(model, "petl_arc"):

@@ -65,7 +65,7 @@ class DoRADelta(nn.Module):
 
 @register("dora")
 class DoRA(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     mergeable = True
     identity_at_init = True
 

@@ -121,7 +121,7 @@ class FacTDelta(nn.Module):
 
 
 class _FacT(Method):
-    families = ("vit", "swin")
+    families = ("vit", "swin", "video_vit", "video_swin")
     mergeable = True
     identity_at_init = True
     kind = "?"

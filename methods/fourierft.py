@@ -78,7 +78,7 @@ def split_lr_groups(model: nn.Module, own: list, lr, weight_decay: float):
 
 @register("fourierft")
 class FourierFT(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     mergeable = True
 
     def inject(self, model, sites):

@@ -4,7 +4,7 @@ from methods.base import Method, register, unfreeze
 
 @register("full")
 class Full(Method):
-    families = ("vit", "swin", "convnext")
+    families = ("vit", "swin", "convnext", "video_vit", "video_swin")
 
     def inject(self, model, sites):
         unfreeze(model.parameters())

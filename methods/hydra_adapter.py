@@ -22,7 +22,7 @@ from methods.blocks.dataset_params import resolved_cfg
 
 @register("hydra_adapter")
 class HydraAdapter(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     mergeable = True
     identity_at_init = True
 

@@ -87,7 +87,7 @@ def _last_forward(model, x):
 
 @register("last")
 class LAST(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     identity_at_init = True  # W_o = 0: the representation is exactly the frozen z_m at step 0
 
     def inject(self, model, sites):

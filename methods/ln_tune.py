@@ -13,7 +13,7 @@ from methods.base import Method, register, unfreeze
 
 @register("ln_tune")
 class LNTune(Method):
-    families = ("vit", "swin", "convnext")
+    families = ("vit", "swin", "convnext", "video_vit", "video_swin")
     mergeable = True
 
     def inject(self, model, sites):

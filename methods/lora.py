@@ -16,7 +16,7 @@ from methods.blocks import DeltaLinear, LowRank, qkv_slices
 
 @register("lora")
 class LoRA(Method):
-    families = ("vit", "swin")
+    families = ("vit", "swin", "video_vit", "video_swin")
     mergeable = True
     identity_at_init = True
 

@@ -65,7 +65,7 @@ def _lst_forward(model, x):
 
 @register("lst")
 class LST(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
 
     def inject(self, model, sites):
         dev = sites.blocks[0].norm1.weight.device

@@ -21,7 +21,7 @@ from methods.blocks.dataset_params import resolved_cfg
 
 @register("repadapter")
 class RepAdapter(Method):
-    families = ("vit", "swin")
+    families = ("vit", "swin", "video_vit", "video_swin")
     mergeable = True
     identity_at_init = True
 

@@ -68,7 +68,7 @@ def resolve_channels(value, dim: int) -> int:
 
 @register("sct")
 class SCT(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     needs_prepare = True
 
     def inject(self, model, sites):

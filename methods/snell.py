@@ -59,7 +59,7 @@ ALIASES = {"cifar": "cifar100", "caltech": "caltech101", "flowers102": "oxford_f
 
 @register("snell")
 class SNELL(Method):
-    families = ("vit", "swin", "convnext")  # written against the Sites linear API; tested on all three
+    families = ("vit", "swin", "convnext", "video_vit", "video_swin")  # written against the Sites linear API; tested on all three
     mergeable = True
 
     def sparsity_for(self) -> float:

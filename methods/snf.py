@@ -71,7 +71,7 @@ class ShortcutFlow(nn.Module):
 
 @register("snf")
 class SNF(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     identity_at_init = True  # exact for the default K=0; K>0 deviates by ~the U(±0.01) planar terms
 
     def inject(self, model, sites):

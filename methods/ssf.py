@@ -46,7 +46,7 @@ class ChannelFirstScaleShiftAfter(_Passthrough):
 
 @register("ssf")
 class SSF(Method):
-    families = ("vit", "swin")
+    families = ("vit", "swin", "video_vit", "video_swin")
     mergeable = True
     identity_at_init = False  # default init is the official N(1, .02)/N(0, .02); init=identity is exact
 

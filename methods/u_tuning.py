@@ -23,7 +23,7 @@ from methods.prefix import prefix_table
 
 @register("u_tuning")
 class UTuning(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
 
     def inject(self, model, sites):
         tuners = list(self.get("tuners", ["mha", "ffn"]))

@@ -59,7 +59,7 @@ class VeRADelta(nn.Module):
 
 @register("vera")
 class VeRA(Method):
-    families = ("vit",)
+    families = ("vit", "video_vit")
     mergeable = True
     identity_at_init = True
 

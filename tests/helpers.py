@@ -54,3 +54,21 @@ def vit_b16_params(method: str, *extra: str) -> dict:
 def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
+
+
+# Tiny video backbones: VideoMAE-shaped (tubelet 2x8x8 on 4 frames at 16², 2x2x2 = 8 tokens) and Video-Swin-shaped
+TINY_VIDEO_VIT = {
+    "name": "video_micro", "family": "video_vit", "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2,
+    "num_heads": 2, "mlp_ratio": 2.0, "num_frames": 4, "tubelet_size": 2, "frame_stride": 2, "head_bn": False,
+    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "checkpoint": None,
+}
+TINY_VIDEO_SWIN = {
+    "name": "video_swin_micro", "family": "video_swin", "img_size": 16, "patch_size": [2, 4, 4], "embed_dim": 16,
+    "depths": [2, 2], "num_heads": [1, 2], "window_size": [2, 2, 2], "mlp_ratio": 2.0, "num_frames": 4,
+    "frame_stride": 2, "head_pool": "vpetl", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "checkpoint": None,
+}
+
+
+def clips(n: int = 4, frames: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, frames, size, size, generator=g)

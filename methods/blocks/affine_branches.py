@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.blocks.merge import WrapsLinear
+from methods.blocks.merge import WrapsLinear, write_bias_
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -107,10 +107,7 @@ class InputAdapterLinear(WrapsLinear, nn.Module):
             new_w = w + w @ wf
             new_b = w @ bf + (base.bias.to(torch.float64) if base.bias is not None else 0.0)
             base.weight.copy_(new_w.to(base.weight.dtype))
-            if base.bias is None:
-                base.bias = nn.Parameter(torch.zeros(base.out_features, dtype=base.weight.dtype,
-                                                     device=base.weight.device), requires_grad=False)
-            base.bias.copy_(new_b.to(base.bias.dtype))
+            write_bias_(base, new_b.to(base.weight.dtype))
         return base
 
 
@@ -152,7 +149,5 @@ class BranchedLinear(WrapsLinear, nn.Module):
                 new_w += ws @ w
                 new_b += ws @ b + bs
             base.weight.copy_(new_w.to(base.weight.dtype))
-            if base.bias is None:
-                base.bias = nn.Parameter(torch.zeros_like(base.weight[:, 0]), requires_grad=False)
-            base.bias.copy_(new_b.to(base.bias.dtype))
+            write_bias_(base, new_b.to(base.weight.dtype))
         return base

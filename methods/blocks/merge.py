@@ -19,6 +19,19 @@ def merge_wrappers(model: nn.Module) -> int:
     return count
 
 
+def write_bias_(linear: nn.Module, value) -> None:
+    """Set a frozen linear's bias to ``value`` in place (merges). A linear whose ``bias`` is computed from
+    other tensors (VideoMAE's q/v-bias qkv, ``backbones.video_vit.QVBiasLinear``) takes it through its own
+    ``set_bias``; a plain linear without a bias gets one."""
+    if hasattr(linear, "set_bias"):
+        linear.set_bias(value)
+        return
+    if linear.bias is None:
+        linear.bias = nn.Parameter(value.detach().to(linear.weight.dtype).clone(), requires_grad=False)
+        return
+    linear.bias.data.copy_(value.to(linear.bias.dtype))
+
+
 class WrapsLinear:
     """Mixin for modules wrapping a frozen linear (or conv) as ``self.base``: code that reads ``linear.weight`` /
     ``linear.bias`` (dtype/device checks, other methods' sites) sees the base linear's tensors."""

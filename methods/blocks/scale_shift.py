@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from methods.blocks.merge import write_bias_
+
 
 class ScaleShift(nn.Module):
     """γ, β over the last dimension. ``init='identity'``: γ = 1, β = 0 exactly;
@@ -42,7 +44,5 @@ class ScaleShiftAfter(nn.Module):
         with torch.no_grad():
             w = base.weight
             w.mul_(g.view(-1, *([1] * (w.dim() - 1))).to(w.dtype))
-            if base.bias is None:
-                base.bias = nn.Parameter(torch.zeros_like(b), requires_grad=False)
-            base.bias.mul_(g).add_(b)
+            write_bias_(base, b if base.bias is None else base.bias * g + b)
         return base

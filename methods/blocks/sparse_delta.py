@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.blocks.merge import WrapsLinear
+from methods.blocks.merge import WrapsLinear, write_bias_
 
 CHUNK_ELEMS = 1 << 22  # largest (tokens × positions) temporary in the delta gradient
 
@@ -264,7 +264,7 @@ class SparseDeltaLinear(WrapsLinear, nn.Module):
             if self.delta is not None:
                 self.base.weight.copy_(self.effective_weight())
             if self.bias_delta is not None:
-                self.base.bias.copy_(self.effective_bias())
+                write_bias_(self.base, self.effective_bias())
 
     def merged(self) -> nn.Linear:
         self.fold_into_base()
