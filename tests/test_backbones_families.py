@@ -100,7 +100,7 @@ def test_extension_points_see_channels_last_and_keep_identity(family):
     with torch.no_grad():
         assert torch.equal(ref(x), model(x))
     if family == "swin":  # every point sees the block's tokens as (B, H*W, C)
-        assert len(seen) == 8 and all(v == [(2, 256, 16), (2, 256, 16), (2, 64, 32), (2, 64, 32)] for v in seen.values())
+        assert len(seen) == 9 and all(v == [(2, 256, 16), (2, 256, 16), (2, 64, 32), (2, 64, 32)] for v in seen.values())
     else:  # channels-last maps (B, H, W, C)
         assert set(seen) == {"mlp_before", "mlp_after", "mlp_parallel", "out"}
         assert all(v == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 24), (2, 1, 1, 32)] for v in seen.values())
@@ -141,7 +141,8 @@ def test_foundation_methods_on_swin_convnext(family, method):
     counts = swin_counts() if family == "swin" else convnext_counts()
     if method == "bitfit":
         assert trainable(model) == sum(p.numel() for n, p in model.named_parameters()
-                                       if n.endswith("bias") and not n.startswith("head.fc") and n not in ("head.bias",))
+                                       if "bias" in n.rsplit(".", 1)[-1] and not n.startswith("head.fc")
+                                       and n not in ("head.bias",))  # V-PETL's substring rule: rel-pos tables too
     else:
         assert trainable(model) == counts[method]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -193,7 +194,8 @@ def test_adapter_on_convnext_sits_before_layer_scale():
     assert torch.allclose(out, ((ref + 1).permute(0, 3, 1, 2)) * blk.gamma.reshape(1, -1, 1, 1), atol=1e-6)
 
 
-SWIN_B = {"lora": 385_024, "adapter": 204_736, "bitfit": 137_216, "linear": 0}
+# bitfit: every tensor named *bias*, the 169 x heads relative-position tables included (V-PETL's rule): 137,216 + 63,544
+SWIN_B = {"lora": 385_024, "adapter": 204_736, "bitfit": 200_760, "linear": 0}
 CONVNEXT_B = {"adapter": 307_104, "bitfit": 130_304, "linear": 0}
 
 
