@@ -11,11 +11,13 @@ from omegaconf import OmegaConf
 from bench import CONF_DIR
 from tools import make_recipes as mr
 
-RECIPES = mr.all_recipes()
+ALL_RECIPES = mr.all_recipes()
+RECIPES = {k: v for k, v in ALL_RECIPES.items() if k[1] not in mr.VIDEO_SETS}  # image recipes
+VIDEO = {k: v for k, v in ALL_RECIPES.items() if k[1] in mr.VIDEO_SETS}
 # the methods of the suite (existing and being written); recipes may only name these
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf""".split())
+arc_att lst hst last snf bapat patt""".split())
 
 
 def _train(method, ds):
@@ -25,7 +27,7 @@ def _train(method, ds):
 def test_committed_files_equal_generator_output(tmp_path):
     out = tmp_path / "recipe"
     n, removed = mr.write(out)
-    assert n == len(RECIPES) == 584 and removed == 0
+    assert n == len(ALL_RECIPES) == 584 + 16 and removed == 0
     committed = {p.relative_to(mr.RECIPE_DIR).as_posix(): p.read_text(encoding="utf-8")
                  for p in mr.RECIPE_DIR.rglob("*.yaml") if mr.is_generated(p)}
     generated = {p.relative_to(out).as_posix(): p.read_text(encoding="utf-8") for p in out.rglob("*.yaml")}
@@ -36,7 +38,7 @@ def test_committed_files_equal_generator_output(tmp_path):
     (out / "lora" / "synthetic").mkdir(parents=True)
     (out / "lora" / "synthetic" / "mine.yaml").write_text("# @package _global_\nrecipe: {source: me}\n")
     (out / "ssf" / "vtab" / "gone.yaml").write_text("# @package _global_\n" + mr.MARKER + "\n")
-    assert mr.write(out) == (584, 1)
+    assert mr.write(out) == (600, 1)
     assert (out / "lora" / "synthetic" / "mine.yaml").is_file() and not (out / "ssf" / "vtab" / "gone.yaml").exists()
     assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml") if mr.is_generated(p)} == generated
     assert mr.main(["--check", "--out", str(out)]) == 0
@@ -67,6 +69,8 @@ def test_every_file_loads_with_the_global_package_and_known_keys():
         assert lines[0] == "# @package _global_" and lines[1].startswith(mr.MARKER), rel
         cfg = OmegaConf.create(text)
         assert set(cfg.keys()) <= {"recipe", "train", "dataset"}, rel
+        if rel.split("/")[1] == "video":  # the loop is picked by the backbone family
+            cfg = OmegaConf.merge(cfg, {"backbone": {"family": "video_swin"}})
         assert set(cfg.train.keys()) <= set(base.train.keys()), rel
         for k in ("lr", "weight_decay", "min_lr", "warmup_lr", "drop_path", "label_smoothing"):
             assert isinstance(cfg.train[k], float), (rel, k)
@@ -124,7 +128,7 @@ def test_coverage_and_documented_gaps():
     assert per_method["full"] == {"cifar100", "caltech101"}           # dtd = sweep, the rest train the Adapter
     assert per_method["vpt_deep"] == {"dmlab", "eurosat", "sun397"} | fgvc
     assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last"}
-    assert METHODS == set(per_method) | set(mr.NO_RECIPE)
+    assert METHODS - {"bapat", "patt"} == set(per_method) | set(mr.NO_RECIPE)
     for ds in vtab | fgvc:
         assert RECIPES["dora", ds]["source"].startswith("FALLBACK")
         assert RECIPES["dora", ds]["train"] == RECIPES["lora", ds]["train"]
@@ -139,7 +143,7 @@ def test_coverage_and_documented_gaps():
 
 def test_dataset_names_live_in_one_table():
     assert mr.DATASET_CONFIG["cub"] == "fgvc/cub" and mr.DATASET_CONFIG["cifar100"] == "vtab/cifar100"
-    assert set(mr.recipe_files()) == {f"{m}/{mr.DATASET_CONFIG[d]}.yaml" for m, d in RECIPES}
+    assert set(mr.recipe_files()) == {f"{m}/{mr.DATASET_CONFIG[d]}.yaml" for m, d in ALL_RECIPES}
 
 
 def test_bad_train_keys_are_one_line_errors():
@@ -163,3 +167,20 @@ def test_hydra_composes_a_generated_recipe_and_the_command_line_wins(tmp_path):
         cfg = compose(config_name="config", overrides=["method=adapter", "dataset=vtab/cifar100", "train.lr=0.5",
                                                        "dataset.train_aug=true"])
         assert cfg.train.lr == 0.5 and cfg.dataset.train_aug is True and cfg.train.weight_decay == 1.0
+
+
+@pytest.mark.parametrize("family,expect", [
+    ("video_swin", dict(optimizer="sgd", lr=0.00625, batch_size=16, epochs=70, warmup_epochs=10, weight_decay=0.0,
+                        drop_path=0.4, warmup_lr=0.0, min_lr=0.0)),
+    ("video_vit", dict(optimizer="sgd", lr=0.4, batch_size=1024, epochs=90, warmup_epochs=10, drop_path=0.0)),
+])
+def test_video_recipes_follow_the_backbone_family(family, expect):
+    """Spec video_dense.md D-20: one loop per backbone family, the same for every video method."""
+    assert {m for m, _ in VIDEO} == set(mr.VIDEO_METHODS) and {d for _, d in VIDEO} == {"ssv2", "hmdb51"}
+    for rel, text in mr.recipe_files().items():
+        if rel.split("/")[1] != "video":
+            continue
+        cfg = OmegaConf.merge(OmegaConf.create(text), {"backbone": {"family": family}})
+        t = OmegaConf.to_container(cfg.train, resolve=True)
+        assert {k: t[k] for k in expect} == expect, rel
+        assert cfg.dataset.eval_views.spatial == (1 if family == "video_swin" else 3), rel

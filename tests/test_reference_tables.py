@@ -10,10 +10,11 @@ from bench.leaderboard import REFERENCE_DIR, load_reference
 from bench.metrics import ppt
 
 COLUMNS = ["benchmark", "backbone", "method", "dataset", "top1", "params", "source"]
-BACKBONES = {"vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b", "vit_l16", "vit_h14"}
+BACKBONES = {"vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b", "vit_l16", "vit_h14", "videomae_b",
+             "video_swin_b"}
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf""".split())
+arc_att lst hst last snf bapat patt""".split())
 NATURAL = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
 SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
 STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
@@ -21,7 +22,8 @@ STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "ds
 VTAB = NATURAL + SPECIALIZED + STRUCTURED
 FGVC = ["cub", "nabirds", "flowers", "dogs", "cars"]
 DATASETS = {"vtab": set(VTAB) | {"mean_natural", "mean_specialized", "mean_structured", "mean"},
-            "fgvc": set(FGVC) | {"mean"}}
+            "fgvc": set(FGVC) | {"mean"}, "video": {"ssv2", "hmdb51"}}
+ROWS = {"convpass.csv": 23, "spt_snell_arc.csv": 135, "vpetl_image.csv": 490, "vpetl_video.csv": 22}
 FILES = sorted(REFERENCE_DIR.glob("*.csv"))
 
 
@@ -38,7 +40,7 @@ def cell(ref, file, backbone, method, dataset, benchmark="vtab"):
 
 
 def test_files_and_columns():
-    assert [p.name for p in FILES] == ["convpass.csv", "spt_snell_arc.csv", "vpetl_image.csv"]
+    assert [p.name for p in FILES] == sorted(ROWS)
     for p in FILES:
         text = p.read_text(encoding="utf-8").splitlines()
         header = next(line for line in text if not line.startswith("#"))
@@ -47,12 +49,14 @@ def test_files_and_columns():
 
 
 def test_values_in_range_and_names_known(ref):
-    assert len(ref) == 490 + 135 + 23
-    assert set(ref.benchmark) == {"vtab", "fgvc"}
+    assert ref.groupby("file").size().to_dict() == ROWS
+    assert set(ref.benchmark) == set(DATASETS)
     assert set(ref.backbone) <= BACKBONES and set(ref.method) <= METHODS
     for bench, ds in DATASETS.items():
         assert set(ref[ref.benchmark == bench].dataset) <= ds, bench
     assert ref.top1.between(0, 100).all() and (ref.top1 > 5).all()
+    video = ref[ref.benchmark == "video"]
+    assert len(video) == 22 and set(video.backbone) == {"videomae_b", "video_swin_b"}
     params = ref.params.dropna()
     assert params.between(0, 700).all()
     assert ref.source.str.len().gt(20).all()
@@ -127,3 +131,14 @@ def test_leaderboard_reads_the_tables():
     assert {"adapter", "arc", "convpass", "snell", "spt_lora", "vpt_deep"} <= set(vt.method)
     assert set(load_reference("vtab", "vit_h14").method) == {"snell", "lora", "arc"}
     assert len(load_reference("fgvc", "vit_b16")) == 15 * 6 + 2 * 6 + 6 + 6
+
+
+def test_vpetl_video_rows(ref):
+    """Spot checks against the README video table (spec video_dense.md sec. A4) and its PPT column."""
+    f = "vpetl_video.csv"
+    assert cell(ref, f, "video_swin_b", "bapat", "hmdb51", "video").top1 == 71.93
+    assert cell(ref, f, "videomae_b", "adaptformer", "ssv2", "video").top1 == 59.02
+    row = cell(ref, f, "videomae_b", "adaptformer", "ssv2", "video")
+    assert round(ppt(row.top1 / 100, row.params * 1e6), 2) == 0.56  # README PPT 0.56
+    row = cell(ref, f, "video_swin_b", "prefix", "ssv2", "video")
+    assert round(ppt(row.top1 / 100, row.params * 1e6), 2) == 0.32

@@ -52,7 +52,9 @@ VTAB_TASKS = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit
               "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist",
               "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele"]
 FGVC_SETS = ["cub", "nabirds", "flowers", "dogs", "cars"]
-DATASET_CONFIG = {**{t: f"vtab/{t}" for t in VTAB_TASKS}, **{d: f"fgvc/{d}" for d in FGVC_SETS}}
+VIDEO_SETS = ["ssv2", "hmdb51"]
+DATASET_CONFIG = {**{t: f"vtab/{t}" for t in VTAB_TASKS}, **{d: f"fgvc/{d}" for d in FGVC_SETS},
+                  **{v: f"video/{v}" for v in VIDEO_SETS}}
 
 # Folder names of the timm-train.py-style repos (SSF, GPS, HST, DTL train_scripts/vit/{vtab,fgvc}/<folder>/) and
 # the NOAH-style config names (Hydra, FacT, Convpass, RepAdapter configs/<name>.yaml) where they differ from ours.
@@ -593,6 +595,52 @@ def other_recipes() -> dict[tuple[str, str], dict]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Video (specs/video_dense.md sec. A4, D-20). The loop depends on the backbone, not the method: V-PETL's Video
+# Swin command (bruceyo/V-PETL = V-PETL Bench VideoActionRecognition/, README_original) and AdaptFormer's
+# main_video.py for the VideoMAE ViT-B rows. A video recipe therefore holds one loop per backbone family under
+# recipe.by_family and its train.* keys select the run's family by interpolation.
+VIDEO_METHODS = ["full", "linear", "bitfit", "adaptformer", "lora", "prefix", "patt", "bapat"]
+VIDEO_LOOPS = {
+    "video_swin": dict(
+        source="bruceyo/V-PETL (= V-PETL Bench VideoActionRecognition/) README_original command + train/"
+               "train_model_*.py: 1 GPU, batch 16, SGD momentum 0.9, blr 0.1 -> lr 0.1 x 16/256, wd 0, 70 epochs, "
+               "warm-up 10 from 0, half-cycle cosine to 0 per iteration, drop path 0.4, T=8, s=2, AMP",
+        train=dict(epochs=70, batch_size=16, optimizer="sgd", lr=0.00625, weight_decay=0.0, no_decay_1d=False,
+                   warmup_epochs=10, warmup_lr=0.0, min_lr=0.0, label_smoothing=0.0, drop_path=0.4, clip_grad=None),
+        spatial_views=1),
+    "video_vit": dict(
+        source="ShoufaChen/AdaptFormer main_video.py (the V-PETL README's ViT-B rows): 64 GPUs x 16 = batch 1024, "
+               "SGD momentum 0.9, blr 0.1 -> lr 0.4, wd 0, 90 epochs, warm-up 10, cosine per iteration, drop path 0, "
+               "T=8, s=4, AMP, 4 x 3 test views",
+        train=dict(epochs=90, batch_size=1024, optimizer="sgd", lr=0.4, weight_decay=0.0, no_decay_1d=False,
+                   warmup_epochs=10, warmup_lr=0.0, min_lr=0.0, label_smoothing=0.0, drop_path=0.0, clip_grad=None),
+        spatial_views=3),
+}
+VIDEO_NOTES = [
+    "the loop is chosen by backbone.family (recipe.by_family); for another total batch B use lr = 0.1 x B / 256 "
+    "(both codes scale blr linearly)",
+    "V-PETL keeps the best validation epoch but its model_best aliases the live model, so its numbers are the last "
+    "epoch's: eval.select=last matches",
+    "AdaptFormer's ViT head is BatchNorm1d(affine=False) + Linear (backbone.head_bn) with fc_norm trained; "
+    "fc_norm is frozen here (cancelled by the BatchNorm, see backbones/video_vit.py)",
+]
+
+
+def video_recipes() -> dict[tuple[str, str], dict]:
+    out = {}
+    train = {k: f"${{recipe.by_family.${{backbone.family}}.{k}}}" for k in TRAIN_KEYS}
+    by_family = {f: {**loop["train"], "eval_spatial_views": loop["spatial_views"], "source": loop["source"]}
+                 for f, loop in VIDEO_LOOPS.items()}
+    for method in VIDEO_METHODS:
+        for ds in VIDEO_SETS:
+            rec = _recipe("per backbone family, see recipe.by_family.<family>.source", VIDEO_NOTES, train)
+            rec["by_family"] = by_family
+            rec["dataset"] = {"eval_views.spatial": "${recipe.by_family.${backbone.family}.eval_spatial_views}"}
+            out[method, ds] = rec
+    return out
+
+
 def fallback_recipes(vpetl: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
     out = {}
     for method, why in FALLBACK_LORA.items():
@@ -608,13 +656,13 @@ def all_recipes() -> dict[tuple[str, str], dict]:
     """Every (method, dataset short name) -> recipe dict."""
     vpetl = vpetl_recipes()
     out: dict[tuple[str, str], dict] = {}
-    for part in (vpetl, spt_snell_arc_recipes(), other_recipes(), fallback_recipes(vpetl)):
+    for part in (vpetl, spt_snell_arc_recipes(), other_recipes(), fallback_recipes(vpetl), video_recipes()):
         overlap = set(out) & set(part)
         if overlap:
             raise ValueError(f"two tables define recipes for {sorted(overlap)[:3]}")
         out.update(part)
-    for method in NO_RECIPE:
-        if any(m == method for m, _ in out):
+    for method in NO_RECIPE:  # (image recipes: a method without one may still have the shared video loop)
+        if any(m == method and ds not in VIDEO_SETS for m, ds in out):
             raise ValueError(f"{method} is listed in NO_RECIPE but has recipes")
     return dict(sorted(out.items()))
 
@@ -640,11 +688,18 @@ def render(method: str, ds: str, rec: dict) -> str:
              f"  source: {_scalar(rec['source'])}",
              "  notes:" + ("" if rec["notes"] else " []")]
     lines += [f"    - {_scalar(n)}" for n in rec["notes"]]
+    if rec.get("by_family"):
+        lines.append("  by_family:")
+        for fam, loop in rec["by_family"].items():
+            lines.append(f"    {fam}:")
+            lines += [f"      {k}: {_scalar(v)}" for k, v in loop.items()]
     lines.append("train:")
     lines += [f"  {k}: {_scalar(rec['train'][k])}" for k in TRAIN_KEYS]
     if rec["dataset"]:
         lines.append("dataset:")
-        lines += [f"  {k}: {_scalar(v)}" for k, v in sorted(rec["dataset"].items())]
+        for k, v in sorted(rec["dataset"].items()):
+            parent, _, child = k.partition(".")  # one level of nesting: eval_views.spatial
+            lines += [f"  {parent}:", f"    {child}: {_scalar(v)}"] if child else [f"  {k}: {_scalar(v)}"]
     return "\n".join(lines) + "\n"
 
 
