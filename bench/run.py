@@ -93,6 +93,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     device = env.resolve_device(str(cfg.device))
     seed_everything(int(cfg.seed))
     b = cfg.backbone
+    kinds.get(str(cfg.dataset.get("kind", "image_cls"))).check_backbone(str(b.family), b.name, cfg.dataset.name)
     task = datasets.build(cfg.dataset, image_size=int(b.img_size), mean=list(b.mean), std=list(b.std))
     if task.num_classes != int(cfg.dataset.num_classes):
         raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but {task.name} has {task.num_classes} classes")

@@ -35,6 +35,14 @@ class TaskKind:
                  autocast: Optional[Callable] = None, max_batch: Optional[int] = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    families: Optional[tuple[str, ...]] = None  # backbone families that take this kind's inputs (None = any)
+
+    def check_backbone(self, family: str, backbone: str, dataset: str) -> None:
+        """One-line error before any training when the backbone cannot take this kind's inputs."""
+        if self.families is not None and family not in self.families:
+            raise ValueError(f"dataset '{dataset}' is a {self.name} task, which backbone '{backbone}' (family "
+                             f"{family}) cannot take: pick a backbone of family {' or '.join(self.families)}")
+
     def protocol(self, task) -> dict:
         """Facts about the evaluation protocol for the record (e.g. video views)."""
         return {}

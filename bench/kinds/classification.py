@@ -57,6 +57,7 @@ class Classification(TaskKind):
 
 class ImageClassification(Classification):
     name = "image_cls"
+    families = ("vit", "swin", "convnext")
 
 
 class VideoClassification(Classification):
@@ -65,6 +66,7 @@ class VideoClassification(Classification):
     clips go through the model at once (``eval.batch_size``)."""
 
     name = "video_cls"
+    families = ("video_vit", "video_swin")
     views_dim = 6
 
     def protocol(self, task) -> dict:
