@@ -211,11 +211,11 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
     key = name.split("/", 1)[-1]
     if key not in VIDEO_DATASETS:
         raise DataError(f"unknown video dataset '{key}' (dataset.name={name}); choose one of {', '.join(VIDEO_DATASETS)}")
+    frames, stride = clip_geometry(cfg)
+    temporal, spatial = eval_views(cfg)
     classes = int(cfg.get("num_classes") or VIDEO_DATASETS[key][0])
     folder = find_video_dir(cfg.get("root"), key, cfg.get("folders"))
     base = folder / str(cfg.get("video_dir") or "")
-    frames, stride = clip_geometry(cfg)
-    temporal, spatial = eval_views(cfg)
     size = int(image_size)
     short = int(cfg.get("cache_short_side") or size)
     if short < size:

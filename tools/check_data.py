@@ -63,9 +63,18 @@ def hash_status(actual: str, expected: str) -> str:
     return "ok" if actual == expected else "MISMATCH"
 
 
+def file_row(path: Path, lines: int | None, want: dict) -> dict:
+    """A list file's report entry: its count against the table's, and its sha256 (``lines`` None = missing)."""
+    from datasets.images import sha256_file
+
+    if lines is None:
+        return {"lines": None, "expected": want["lines"], "sha256": None, "hash": "missing"}
+    digest = sha256_file(path)
+    return {"lines": lines, "expected": want["lines"], "sha256": digest, "hash": hash_status(digest, want.get("sha256"))}
+
+
 def check_vtab(root: Path, only, decode: bool, workers: int, table: dict) -> list[dict]:
     from datasets.base import DataError
-    from datasets.images import sha256_file
     from datasets.vtab import LIST_FILES, VTAB_TASKS, find_task_dir, read_list
 
     rows = []
@@ -85,16 +94,14 @@ def check_vtab(root: Path, only, decode: bool, workers: int, table: dict) -> lis
             path = folder / fname
             want = exp["files"][fname]
             if not path.is_file():
-                row["files"][fname] = {"lines": None, "expected": want["lines"], "sha256": None, "hash": "missing"}
+                row["files"][fname] = file_row(path, None, want)
                 continue
             try:
                 items = read_list(path, folder, exp["classes"])
             except DataError as e:
                 row["errors"].append(str(e))
                 items = []
-            digest = sha256_file(path)
-            row["files"][fname] = {"lines": len(items), "expected": want["lines"], "sha256": digest,
-                                   "hash": hash_status(digest, want.get("sha256"))}
+            row["files"][fname] = file_row(path, len(items), want)
             for it in items:
                 entries.setdefault(it.path, it.source)
         row["unreadable"] = check_images(list(entries.items()), decode, workers)
@@ -104,7 +111,6 @@ def check_vtab(root: Path, only, decode: bool, workers: int, table: dict) -> lis
 def check_fgvc(root: Path, only, decode: bool, workers: int, table: dict) -> list[dict]:
     from datasets.base import DataError
     from datasets.fgvc import FGVC_DATASETS, SPLIT_FILES, class_mapping, find_dataset_dir, read_split
-    from datasets.images import sha256_file
 
     rows = []
     for key in FGVC_DATASETS:
@@ -126,17 +132,14 @@ def check_fgvc(root: Path, only, decode: bool, workers: int, table: dict) -> lis
             path = folder / fname
             want = exp["files"][fname]
             if not path.is_file():
-                row["files"][fname] = {"lines": None, "expected": want["lines"], "sha256": None, "hash": "missing"}
+                row["files"][fname] = file_row(path, None, want)
                 continue
             try:
                 annos[split] = read_split(path)
             except DataError as e:
                 row["errors"].append(str(e))
                 annos[split] = {}
-            digest = sha256_file(path)
-            n = len(annos[split])
-            row["files"][fname] = {"lines": n, "expected": want["lines"], "sha256": digest,
-                                   "hash": hash_status(digest, want.get("sha256"))}
+            row["files"][fname] = file_row(path, len(annos[split]), want)
             for k in annos[split]:
                 entries.setdefault(image_dir / k, f"{path} key {k!r}")
         try:
@@ -182,7 +185,6 @@ def locate_video(root: Path, key: str, only) -> Path | None:
 
 def check_video(root: Path, only, decode: bool, workers: int, table: dict) -> list[dict]:
     from datasets.video import VIDEO_DATASETS, read_annotations
-    from datasets.images import sha256_file
 
     rows = []
     for key in VIDEO_DATASETS:
@@ -200,7 +202,7 @@ def check_video(root: Path, only, decode: bool, workers: int, table: dict) -> li
         for fname, want in exp["files"].items():
             path = folder / fname
             if not path.is_file():
-                row["files"][fname] = {"lines": None, "expected": want["lines"], "sha256": None, "hash": "missing"}
+                row["files"][fname] = file_row(path, None, want)
                 continue
             bad: list[str] = []
             items = read_annotations(path, folder, None, problems=bad)
@@ -211,9 +213,7 @@ def check_video(root: Path, only, decode: bool, workers: int, table: dict) -> li
                 row["errors"].append(f"{fname}: {len(outside)} label(s) outside [0, {classes}) (first: {outside[0]})")
             row["labels"][fname] = {"min": min(labels, default=None), "max": max(labels, default=None),
                                     "distinct": len(set(labels)), "classes": classes}
-            digest = sha256_file(path)
-            row["files"][fname] = {"lines": len(items), "expected": want["lines"], "sha256": digest,
-                                   "hash": hash_status(digest, want.get("sha256"))}
+            row["files"][fname] = file_row(path, len(items), want)
             for it in items:
                 entries.setdefault(it.path, it.source)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
