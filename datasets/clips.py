@@ -44,8 +44,9 @@ def clip_geometry(cfg) -> tuple[int, int]:
     """(frames T, stride s) from the dataset config (the yamls take them from ``backbone.num_frames/frame_stride``)."""
     t, s = cfg.get("frames"), cfg.get("stride")
     if t is None or s is None:
-        raise DataError(f"dataset {cfg.get('name')}: dataset.frames / dataset.stride are not set (the backbone config "
-                        "has no num_frames / frame_stride): use a video backbone or set dataset.frames=8 dataset.stride=4")
+        raise DataError(f"dataset {cfg.get('name')}: dataset.frames / dataset.stride are not set (the backbone "
+                        "config has no num_frames / frame_stride): use a video backbone or set dataset.frames=8 "
+                        "dataset.stride=4")
     t, s = int(t), int(s)
     if t < 1 or s < 1:
         raise DataError(f"dataset {cfg.get('name')}: dataset.frames={t} and dataset.stride={s} must be >= 1")
@@ -118,7 +119,9 @@ class FrameStore:
     """uint8 frames of N videos, ragged: ``data`` flat, ``index`` int64 [N, 4] = (offset, frames, h, w).
 
     Video i is ``data[offset: offset + frames·h·w·c]`` viewed as [frames, h, w, c] (c = 3 RGB, or 1 gray).
-    ``data`` may be a memory map (the video cache) or an in-memory tensor (procedural clips).
+    ``data`` may be a memory map (the video cache) or an in-memory tensor (procedural clips). The clip datasets
+    only call ``num_frames(i)`` and ``frames(i, ids)``, so any object with those two methods can stand in for it
+    (``datasets.video.LiveVideos`` decodes the requested frames from the files instead).
     """
 
     def __init__(self, data: torch.Tensor, index: torch.Tensor, channels: int = 3):
@@ -146,6 +149,10 @@ class FrameStore:
     def video(self, i: int) -> torch.Tensor:
         off, f, h, w = (int(v) for v in self.index[i])
         return self.data[off: off + f * h * w * self.channels].view(f, h, w, self.channels)
+
+    def frames(self, i: int, ids: list[int]) -> torch.Tensor:
+        """uint8 [len(ids), h, w, c]: frames ``ids`` of video i."""
+        return self.video(i)[ids]
 
 
 class _ClipDataset(Dataset):
@@ -191,9 +198,8 @@ class TrainClips(_ClipDataset):
 
     def clip(self, i: int) -> torch.Tensor:
         """uint8 [T, c, S, S] of video i (draws from torch's RNG)."""
-        video = self.store.video(i)
-        ids = train_indices(video.shape[0], self.frames, self.stride)
-        x = video[ids]  # [T, h, w, c]
+        ids = train_indices(self.store.num_frames(i), self.frames, self.stride)
+        x = self.store.frames(i, ids)  # [T, h, w, c]
         if self.transform == "multiscale":
             top, left, ch, cw = multiscale_crop_box(x.shape[1], x.shape[2], self.size, self.scales, self.max_distort)
             x = x[:, top: top + ch, left: left + cw]
@@ -223,12 +229,16 @@ class EvalClips(_ClipDataset):
 
     def views_of(self, i: int) -> torch.Tensor:
         """uint8 [V, T, c, S, S] of video i."""
-        video = self.store.video(i)
-        seq = strided_sequence(video.shape[0], self.stride, self.frames)
+        seq = strided_sequence(self.store.num_frames(i), self.stride, self.frames)
+        starts = temporal_starts(len(seq), self.frames, self.temporal)
+        needed = sorted({k for st in starts for k in seq[st: st + self.frames]})
+        frames = self.store.frames(i, needed)  # every frame the views use, fetched once
+        pos = {k: j for j, k in enumerate(needed)}
         s = self.size
         out = []
-        for start in temporal_starts(len(seq), self.frames, self.temporal):
-            x = video[seq[start: start + self.frames]].permute(0, 3, 1, 2).contiguous()  # [T, c, h, w]
+        for start in starts:
+            x = frames[[pos[k] for k in seq[start: start + self.frames]]]
+            x = x.permute(0, 3, 1, 2).contiguous()  # [T, c, h, w]
             h, w = x.shape[-2:]
             if min(h, w) != s:
                 nw, nh = shorter_side_size(w, h, s)

@@ -27,6 +27,8 @@ keep every frame; evaluation splits keep only frames 0, s, 2s, … (the test pro
 spatial view at ``cache_short_side = S``, only the centre S×S crop. The key hashes the csv's paths (resolved)
 and labels in order, each file's size and mtime, and the geometry (short side, stride, crop); written to a
 temporary folder and renamed when complete. Later epochs and runs decode nothing (``STATS``).
+``dataset.cache=false`` decodes the frames each clip needs at every fetch instead (``LiveVideos``: no disk,
+slower epochs; same pixels) for data too large to cache.
 
 Deviation: with the default cache at shorter side S the multi-scale crop is taken from frames already resized
 to S (the anchors crop the native 240/320-px frames, then resize the crop to S): the crop covers the same part
@@ -177,23 +179,54 @@ def read_frames(reader, item: Item, ids: list[int]) -> np.ndarray:
 
 
 def decode_video(item: Item, short: int, stride: int = 1, crop: int | None = None, chunk: int = 32) -> np.ndarray:
-    """uint8 [frames, h, w, 3]: frames 0, stride, 2·stride, … with the shorter side resized to ``short``
-    (bilinear, antialiased), optionally centre-cropped to ``crop``²."""
+    """uint8 [frames, h, w, 3]: frames 0, stride, 2·stride, … of the file, through ``resize_frames``."""
     reader = open_video(item)
     ids = list(range(0, len(reader), stride))
-    out = []
-    for i in range(0, len(ids), chunk):
-        x = torch.from_numpy(read_frames(reader, item, ids[i: i + chunk])).permute(0, 3, 1, 2)
-        h, w = x.shape[-2:]
-        nw, nh = shorter_side_size(w, h, short)
-        x = resize_uint8(x.contiguous(), (nh, nw))
-        if crop:
-            top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-            x = x[:, :, top: top + crop, left: left + crop]
-        out.append(x.permute(0, 2, 3, 1).numpy())
+    out = [resize_frames(read_frames(reader, item, ids[i: i + chunk]), short, crop) for i in range(0, len(ids), chunk)]
     STATS["videos"] += 1
     STATS["frames"] += len(ids)
     return np.ascontiguousarray(np.concatenate(out))
+
+
+def resize_frames(frames: np.ndarray, short: int, crop: int | None = None) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> shorter side ``short`` (bilinear, antialiased), optionally the centre ``crop``²."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    nw, nh = shorter_side_size(w, h, short)
+    x = resize_uint8(x.contiguous(), (nh, nw))
+    if crop:
+        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+        x = x[:, :, top: top + crop, left: left + crop]
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+class LiveVideos:
+    """Frames decoded from the files at every fetch (``dataset.cache=false``): no disk cache, no first pass.
+
+    Stands in for a ``FrameStore`` (``num_frames`` / ``frames``) with the same pixels as the cache (each frame's
+    shorter side resized to ``short``). For data too large to cache (SSv2 train ~2 TB at S=224); every epoch
+    decodes again (only the frames a clip uses). Frame counts are read once per video, on first use.
+    """
+
+    def __init__(self, items: list[Item], short: int):
+        self.items, self.short, self._counts = list(items), int(short), {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def num_frames(self, i: int) -> int:
+        if i not in self._counts:
+            self._counts[i] = len(open_video(self.items[i]))
+        return self._counts[i]
+
+    def frames(self, i: int, ids: list[int]) -> torch.Tensor:
+        item = self.items[i]
+        unique = sorted(set(ids))
+        decoded = resize_frames(read_frames(open_video(item), item, unique), self.short)
+        STATS["videos"] += 1
+        STATS["frames"] += len(unique)
+        pos = {k: j for j, k in enumerate(unique)}
+        return torch.from_numpy(np.ascontiguousarray(decoded[[pos[k] for k in ids]]))
 
 
 def cached_frames(items: list[Item], short: int, stride: int, crop: int | None, cache_dir: Path, workers: int,
@@ -210,7 +243,8 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
     name = str(cfg["name"])
     key = name.split("/", 1)[-1]
     if key not in VIDEO_DATASETS:
-        raise DataError(f"unknown video dataset '{key}' (dataset.name={name}); choose one of {', '.join(VIDEO_DATASETS)}")
+        raise DataError(f"unknown video dataset '{key}' (dataset.name={name}); choose one of "
+                        f"{', '.join(VIDEO_DATASETS)}")
     frames, stride = clip_geometry(cfg)
     temporal, spatial = eval_views(cfg)
     classes = int(cfg.get("num_classes") or VIDEO_DATASETS[key][0])
@@ -226,6 +260,7 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
     cache_dir = Path(cfg.get("cache_dir") or default_cache_dir("video")).expanduser()
     workers = int(cfg.get("decode_workers") or 4)
     mem_mb = float(cfg.get("in_memory_max_mb", 2048))
+    use_cache = bool(cfg.get("cache", True))
     csvs = dict(cfg.get("csv") or CSV_FILES)
     roles = dict(cfg.get("roles") or DEFAULT_ROLES)
     for role, split in roles.items():
@@ -267,6 +302,13 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
             labels = torch.tensor([it.label for it in items], dtype=torch.long)
             info["sizes"][split] = len(items)
             label = f"{key} {split}"
+            if not use_cache:
+                info["cache"][split] = {"cache": None, "storage": "none: decoded at every fetch"}
+                live = LiveVideos(items, short)
+                if split in train_splits:
+                    return TrainClips(live, labels, frames, stride, size, mean, std, "multiscale", scales, max_distort,
+                                      flip)
+                return EvalClips(live, labels, frames, size, mean, std, temporal, spatial, stride=stride)
             if split in train_splits:
                 store, meta = cached_frames(items, short, 1, None, cache_dir, workers, mem_mb, label)
                 info["cache"][split] = {**meta, "frames": "all", "short_side": short}

@@ -88,7 +88,7 @@ def test_annotation_errors_are_one_line_with_file_and_line(tmp_path, text, class
 def test_missing_root_and_csv(tmp_path, folder):
     with pytest.raises(DataError, match="dataset.root is not set for video/ssv2"):
         find_video_dir(None, "ssv2")
-    with pytest.raises(DataError, match=r"video dataset 'hmdb51' not found: .*nope does not exist.*PETL_BENCH_VIDEO_HMDB51"):
+    with pytest.raises(DataError, match=r"'hmdb51' not found: .*nope does not exist.*PETL_BENCH_VIDEO_HMDB51"):
         datasets.build(cfg_for(tmp_path / "nope"), image_size=32, mean=MEAN, std=STD)
     (tmp_path / "hmdb51").mkdir()
     (tmp_path / "hmdb51/train.csv").write_text((folder / "train.csv").read_text())
@@ -206,7 +206,8 @@ def test_video_task_decodes_the_written_frames(folder):
         assert ids == clip_indices(ids[0], n, 4, 2) and 0 <= ids[0] <= n - 8
     info = task.info
     assert info["frames"] == 4 and info["stride"] == 2 and info["eval_views"]["views"] == 4
-    assert set(info["csv_sha256"]) == {"train_csv", "val_csv", "test_csv"} and "GroupMultiScaleCrop" in info["transform"]["train"]
+    assert set(info["csv_sha256"]) == {"train_csv", "val_csv", "test_csv"}
+    assert "GroupMultiScaleCrop" in info["transform"]["train"]
     assert Path(info["cache"]["val_csv"]["cache"]).is_dir() and info["cache"]["val_csv"]["crop"] == 32
 
 
@@ -262,6 +263,25 @@ def test_cache_at_a_larger_short_side_is_resized_per_batch(folder, tmp_path):
     with pytest.raises(DataError, match="cache_short_side=16 is smaller than the clip size 32"):
         datasets.build(cfg_for(folder, cache_short_side=16), image_size=32, mean=MEAN, std=STD)
 
+
+
+@pytest.mark.parametrize("spatial", [1, 3])
+def test_without_cache_the_same_clips_are_decoded_at_every_fetch(folder, tmp_path, spatial):
+    views = {"temporal": 4, "spatial": spatial}
+    cached = datasets.build(cfg_for(folder, eval_views=views), image_size=32, mean=MEAN, std=STD)
+    live = datasets.build(cfg_for(folder, eval_views=views, cache=False, cache_dir=str(tmp_path)), image_size=32,
+                          mean=MEAN, std=STD)
+    assert torch.equal(cached.split("test").__getitems__([0, 1, 2])[0], live.split("test").__getitems__([0, 1, 2])[0])
+    for role in ("train", "test"):
+        cached.split(role), live.split(role)
+    before = dict(STATS)
+    torch.manual_seed(5)
+    a = cached.split("train").__getitems__([0, 1, 2, 3])[0]
+    assert STATS == before  # the cache decodes nothing
+    torch.manual_seed(5)
+    b = live.split("train").__getitems__([0, 1, 2, 3])[0]
+    assert torch.equal(a, b) and STATS["videos"] - before["videos"] == 4
+    assert not list(tmp_path.iterdir()) and live.info["cache"]["train_csv"]["cache"] is None
 
 # ---------------------------------------------------------------- one-line errors naming the file
 
@@ -398,6 +418,7 @@ def test_check_video_cli(check_root, capsys):
     assert rows[0]["found"] == str(check_root / "HMDB51") and rows[0]["unreadable"] == []
     assert check_data.main(["video", str(check_root), "--only", "ssv2"]) == 1
     text = capsys.readouterr().out
-    assert "unreadable videos: 2" in text and "error: " in text and text.strip().endswith("1/1 found, 0 complete and readable")
+    assert "unreadable videos: 2" in text and "error: " in text
+    assert text.strip().endswith("1/1 found, 0 complete and readable")
     assert check_data.main(["video", str(check_root), "--only", "ucf101"]) == 2
     assert "unknown video dataset(s) ucf101" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def file_row(path: Path, lines: int | None, want: dict) -> dict:
     if lines is None:
         return {"lines": None, "expected": want["lines"], "sha256": None, "hash": "missing"}
     digest = sha256_file(path)
-    return {"lines": lines, "expected": want["lines"], "sha256": digest, "hash": hash_status(digest, want.get("sha256"))}
+    return {"lines": lines, "expected": want["lines"], "sha256": digest,
+            "hash": hash_status(digest, want.get("sha256"))}
 
 
 def check_vtab(root: Path, only, decode: bool, workers: int, table: dict) -> list[dict]:

@@ -98,8 +98,8 @@ def build_moving_dsprites(cfg, image_size: int, mean, std) -> Task:
             "frames": frames, "stride": stride, "clip_frames": FRAMES, "clip_size": size,
             "transform": {"train": f"random start, {frames} frames at stride {stride} -> Resize(({size}, {size})) "
                                    "-> Normalize",
-                          "eval": f"{temporal} clip(s) of frames 0,{stride},.. (1 = centred) -> Resize(({size}, {size}))"
-                                  " -> Normalize"},
+                          "eval": f"{temporal} clip(s) of frames 0,{stride},.. (1 = centred) -> "
+                                  f"Resize(({size}, {size})) -> Normalize"},
             "eval_views": {"temporal": temporal, "spatial": 1, "views": temporal, "order": "temporal-major",
                            "aggregation": "mean of raw logits"}}
     return Task(name=cfg["name"], benchmark=cfg.get("benchmark", "embedded_video"), num_classes=int(cfg["num_classes"]),
