@@ -5,8 +5,9 @@ Frame k of every video encodes its index: the red channel is the uniform level `
 test can tell which frames and which spatial crop a clip came from. Lossless H.264 (crf 0, yuv420p):
 decoded levels are within ~2 of the written ones (more near strong colour edges).
 
-decord 0.6.0 mis-decodes some small widths (24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly
-match"); 32, 40, 56, 64 work, and so do real sizes (320×240, 426×240, 340×256).
+decord 0.6.0 cannot decode some small widths: 16, 24, 48 and 72 px ("DECORDArrayCopyFromTo: The size must
+exactly match"; every other even width from 16 to 128 works, any height works, and so do real sizes such as
+320×240, 426×240, 340×256). ``write_mp4`` refuses those widths.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 STEP = 10  # red level step per frame index (supports up to 25 frames)
+DECORD_BAD_WIDTHS = (16, 24, 48, 72)
 
 
 def level(k: int, frames: int = 25) -> int:
@@ -43,6 +45,8 @@ def write_mp4(path: Path, frames: int, w: int, h: int, fps: int = 12, codec: str
     """An mp4 with ``frames`` frames of w×h (even sizes) whose frame k is ``frame_image(k)``."""
     import av
 
+    if w in DECORD_BAD_WIDTHS:
+        raise ValueError(f"width {w}: decord 0.6.0 cannot decode mp4 files {w} px wide; use e.g. 40, 56 or 64")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
