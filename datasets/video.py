@@ -277,17 +277,19 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
                             f"{', '.join(csvs.values())} (for SSv2/HMDB51 test.csv = val.csv; {GETTING_DATA})")
     pre_crop = size if spatial == 1 and short == size else None
     crop_text = ("CenterCrop" if spatial == 1 else f"{spatial} crops along the long side (left/centre/right)")
+    train_text = (f"GroupMultiScaleCrop(scales={scales}, max_distort={max_distort}, 13 fixed origins) -> "
+                  f"Resize(({size}, {size}), bilinear){' -> HFlip(0.5)' if flip else ''} -> Normalize")
     info: dict = {
         "source": "video csv lists (decord)", "folder": str(folder), "video_dir": str(base),
         "frames": frames, "stride": stride, "clip_size": size,
         "sampler": f"train: one clip of {frames} frames at stride {stride}, start ~ U{{0..N-{frames * stride}}}, "
                    "short videos repeat their last reachable frame",
         "transform": {
-            "train": (f"GroupMultiScaleCrop(scales={scales}, max_distort={max_distort}, 13 fixed origins) -> "
-                      f"Resize(({size}, {size}), bilinear){' -> HFlip(0.5)' if flip else ''} -> Normalize"),
+            "train": train_text,
             "eval": (f"frames 0,{stride},{2 * stride},..; {temporal} clips of {frames} at int(k*max((L-T)/(n-1),0)); "
                      f"Resize(shorter {size}, bilinear) -> {crop_text} {size} -> Normalize"),
         },
+        "train_transform": train_text,
         "eval_views": {"temporal": temporal, "spatial": spatial, "views": temporal * spatial,
                        "order": "temporal-major", "aggregation": "mean of raw logits"},
         "cache_short_side": short, "csv": {s: str(folder / f) for s, f in csvs.items()},

@@ -346,6 +346,9 @@ def test_moving_dsprites_splits_follow_the_video_interface():
     assert x.shape == (2, 1, 3, 8, 32, 32)  # one (centred) view of frames 0, 2, .., 14
     x, _ = datasets.build(small_md_cfg(), image_size=48, mean=MEAN, std=STD).split("train").__getitems__([0])
     assert x.shape == (1, 3, 8, 48, 48)
+    longer = datasets.build(small_md_cfg(clip_frames=20), image_size=32, mean=MEAN, std=STD)
+    assert longer.splits["test"].store.num_frames(0) == 20 and longer.info["clip_frames"] == 20
+    assert "train_transform" in longer.info and longer.info["eval_views"]["views"] == 1
 
 
 def test_moving_dsprites_is_deterministic_and_motion_defines_the_class():

@@ -1,7 +1,7 @@
 """Moving dSprites: a procedural video task whose class is the direction of motion (no download).
 
-Each clip is 16 gray frames of 32×32. A bright target sprite (dSprites' square, ellipse or heart, radius
-U(3, 5) px, random orientation and spin) moves in a straight line at U(0.6, 1.2) px/frame in one of 8
+Each clip is 16 gray frames of 32×32 (``dataset.clip_frames``). A bright target sprite (dSprites' square,
+ellipse or heart, radius U(3, 5) px, random orientation and spin) moves in a straight line at U(0.6, 1.2) px/frame in one of 8
 directions (class k = k·45° counter-clockwise from "right", ±10° jitter). A dimmer distractor sprite of random
 shape moves in a uniformly random direction. The world wraps around (sprites leaving one side re-enter on the
 other), so every frame's sprite positions are uniform over the image whatever the class: a single frame
@@ -24,7 +24,7 @@ from datasets.clips import EvalClips, FrameStore, TrainClips, clip_geometry, eva
 from datasets.synthetic.common import cached, total_size, vtab_cuts
 from datasets.synthetic.dsprites import shape_inside
 
-SIZE, FRAMES, CLASSES = 32, 16, 8
+SIZE, FRAMES, CLASSES = 32, 16, 8  # FRAMES: the default clip length (dataset.clip_frames)
 SUPER = 2  # supersampling factor
 WINDOW = 14  # rendered patch side (px), > 2 × the largest sprite reach (1.15 × radius 5)
 
@@ -49,16 +49,16 @@ def _coverage(shape: int, cx: np.ndarray, cy: np.ndarray, theta: np.ndarray, r: 
     return out
 
 
-def _path(rng: np.random.Generator, angle: float, speed: float) -> tuple[np.ndarray, np.ndarray]:
-    t = np.arange(FRAMES)
+def _path(rng: np.random.Generator, angle: float, speed: float, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    t = np.arange(frames)
     x0, y0 = rng.uniform(0, SIZE, size=2)
     return (x0 + speed * np.cos(angle) * t) % SIZE, (y0 - speed * np.sin(angle) * t) % SIZE  # image y points down
 
 
-def clip(label: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [FRAMES, SIZE, SIZE] of one clip of class ``label``."""
-    t = np.arange(FRAMES)
-    img = rng.uniform(0, 40) + rng.normal(0, 6, (FRAMES, SIZE, SIZE))
+def clip(label: int, rng: np.random.Generator, frames: int = FRAMES) -> np.ndarray:
+    """uint8 [frames, SIZE, SIZE] of one clip of class ``label``."""
+    t = np.arange(frames)
+    img = rng.uniform(0, 40) + rng.normal(0, 6, (frames, SIZE, SIZE))
     sprites = [  # (intensity, shape, radius, direction, speed): distractor first, target on top
         (rng.uniform(80, 140), int(rng.integers(3)), rng.uniform(2.5, 4.0), rng.uniform(0, 2 * np.pi),
          rng.uniform(0.3, 1.2)),
@@ -66,25 +66,25 @@ def clip(label: int, rng: np.random.Generator) -> np.ndarray:
          label * np.pi / 4 + np.deg2rad(rng.uniform(-10, 10)), rng.uniform(0.6, 1.2)),
     ]
     for level, shape, r, angle, speed in sprites:
-        cx, cy = _path(rng, angle, speed)
+        cx, cy = _path(rng, angle, speed, frames)
         theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.2, 0.2) * t
         a = _coverage(shape, cx, cy, theta, r)
         img = img * (1 - a) + level * a
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def generate(n: int, seed: int) -> dict[str, np.ndarray]:
+def generate(n: int, seed: int, frames: int = FRAMES) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(CLASSES, size=n)
-    return {"clips": np.stack([clip(int(k), rng) for k in labels]), "labels": labels}
+    return {"clips": np.stack([clip(int(k), rng, frames) for k in labels]), "labels": labels}
 
 
 def build_moving_dsprites(cfg, image_size: int, mean, std) -> Task:
     frames, stride = clip_geometry(cfg)
     temporal, _ = eval_views(cfg, default_temporal=1)
-    n, seed = total_size(cfg), int(cfg.get("data_seed", 0))
-    z = cached(cfg.get("root"), "moving_dsprites", {"v": 1, "n": n, "seed": seed, "frames": FRAMES, "size": SIZE},
-               lambda: generate(n, seed))
+    n, seed, length = total_size(cfg), int(cfg.get("data_seed", 0)), int(cfg.get("clip_frames") or FRAMES)
+    z = cached(cfg.get("root"), "moving_dsprites", {"v": 1, "n": n, "seed": seed, "frames": length, "size": SIZE},
+               lambda: generate(n, seed, length))
     labels = z["labels"].astype(np.int64)
     size = int(image_size)
     splits = {}
@@ -94,10 +94,11 @@ def build_moving_dsprites(cfg, image_size: int, mean, std) -> Task:
             splits[name] = TrainClips(store, labels[cut], frames, stride, size, mean, std, transform="resize")
         else:
             splits[name] = EvalClips(store, labels[cut], frames, size, mean, std, temporal, 1, stride=stride)
+    train_text = f"random start, {frames} frames at stride {stride} -> Resize(({size}, {size})) -> Normalize"
     info = {"source": "procedural moving dSprites (class = direction of motion, 8 classes)",
-            "frames": frames, "stride": stride, "clip_frames": FRAMES, "clip_size": size,
-            "transform": {"train": f"random start, {frames} frames at stride {stride} -> Resize(({size}, {size})) "
-                                   "-> Normalize",
+            "train_transform": train_text,
+            "frames": frames, "stride": stride, "clip_frames": length, "clip_size": size,
+            "transform": {"train": train_text,
                           "eval": f"{temporal} clip(s) of frames 0,{stride},.. (1 = centred) -> "
                                   f"Resize(({size}, {size})) -> Normalize"},
             "eval_views": {"temporal": temporal, "spatial": 1, "views": temporal, "order": "temporal-major",
