@@ -304,22 +304,22 @@ def build_video(cfg, image_size: int, mean, std) -> Task:
             labels = torch.tensor([it.label for it in items], dtype=torch.long)
             info["sizes"][split] = len(items)
             label = f"{key} {split}"
-            if not use_cache:
+            training = split in train_splits
+            if not use_cache:  # decode the frames each fetch needs; the eval stride applies to the file's frames
                 info["cache"][split] = {"cache": None, "storage": "none: decoded at every fetch"}
-                live = LiveVideos(items, short)
-                if split in train_splits:
-                    return TrainClips(live, labels, frames, stride, size, mean, std, "multiscale", scales, max_distort,
-                                      flip)
-                return EvalClips(live, labels, frames, size, mean, std, temporal, spatial, stride=stride)
-            if split in train_splits:
+                store, eval_stride = LiveVideos(items, short), stride
+            elif training:
                 store, meta = cached_frames(items, short, 1, None, cache_dir, workers, mem_mb, label)
                 info["cache"][split] = {**meta, "frames": "all", "short_side": short}
+            else:  # the cache holds frames 0, s, 2s, .. already
+                store, meta = cached_frames(items, short, stride, pre_crop, cache_dir, workers, mem_mb, label)
+                info["cache"][split] = {**meta, "frames": f"0,{stride},{2 * stride},..", "short_side": short,
+                                        "crop": pre_crop}
+                eval_stride = 1
+            if training:
                 return TrainClips(store, labels, frames, stride, size, mean, std, "multiscale", scales, max_distort,
                                   flip)
-            store, meta = cached_frames(items, short, stride, pre_crop, cache_dir, workers, mem_mb, label)
-            info["cache"][split] = {**meta, "frames": f"0,{stride},{2 * stride},..", "short_side": short,
-                                    "crop": pre_crop}
-            return EvalClips(store, labels, frames, size, mean, std, temporal, spatial, stride=1)
+            return EvalClips(store, labels, frames, size, mean, std, temporal, spatial, stride=eval_stride)
         return build
 
     splits = LazySplits({s: builder(s) for s in csvs})
