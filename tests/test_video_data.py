@@ -232,6 +232,15 @@ def test_cache_hit_decodes_nothing_and_file_changes_invalidate(folder, tmp_path)
     assert STATS["videos"] - mid["videos"] == 3  # the key changed: the list is decoded again
 
 
+def test_large_caches_are_memory_mapped(folder, tmp_path):
+    small = datasets.build(cfg_for(folder, cache_dir=str(tmp_path)), image_size=32, mean=MEAN, std=STD)
+    mapped = datasets.build(cfg_for(folder, cache_dir=str(tmp_path), in_memory_max_mb=0), image_size=32, mean=MEAN,
+                            std=STD)
+    a, b = small.split("test").__getitems__([0, 2])[0], mapped.split("test").__getitems__([0, 2])[0]
+    assert small.info["cache"]["val_csv"]["storage"] == "memory"
+    assert mapped.info["cache"]["val_csv"]["storage"] == "memmap"
+    assert torch.equal(a, b) and (Path(mapped.info["cache"]["val_csv"]["cache"]) / "index.npy").is_file()
+
 def test_training_clips_are_reproducible_under_the_seed(folder):
     train = datasets.build(cfg_for(folder), image_size=32, mean=MEAN, std=STD).split("train")
 
