@@ -30,6 +30,10 @@ temporary folder and renamed when complete. Later epochs and runs decode nothing
 ``dataset.cache=false`` decodes the frames each clip needs at every fetch instead (``LiveVideos``: no disk,
 slower epochs; same pixels) for data too large to cache.
 
+Deviation: the anchors' per-epoch validation takes one clip per video with a random start (a noisy number used
+to pick the checkpoint); here every evaluation split, validation included, uses the deterministic multi-view
+test protocol (``eval_views``), so a validation score is reproducible.
+
 Deviation: with the default cache at shorter side S the multi-scale crop is taken from frames already resized
 to S (the anchors crop the native 240/320-px frames, then resize the crop to S): the crop covers the same part
 of the frame, at slightly lower resolution. ``dataset.cache_short_side=240`` (SSv2/HMDB) or ``320`` (K400)
