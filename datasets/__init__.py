@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from bench.registry import DATASETS
 from datasets import synthetic  # noqa: F401  (registers the procedural tasks)
-from datasets import fgvc, vtab  # noqa: F401  (register vtab/<task> and fgvc/<name>)
+from datasets import fgvc, video, vtab  # noqa: F401  (register vtab/<task>, fgvc/<name> and video/<name>)
 from datasets.base import DataError, ImageTensorDataset, Task, make_loader
 
 __all__ = ["build", "benchmark_order", "benchmark_groups", "Task", "DataError", "ImageTensorDataset", "make_loader"]
@@ -17,6 +17,10 @@ def benchmark_order(benchmark: str) -> list[str]:
         return list(fgvc.FGVC_DATASETS)
     if benchmark == "embedded":
         return ["dsprites_loc", "dsprites_ori", "clevr_count", "textures"]
+    if benchmark == "video":
+        return list(video.VIDEO_DATASETS)
+    if benchmark == "embedded_video":
+        return ["moving_dsprites"]
     return []
 
 

@@ -17,14 +17,15 @@ class DataError(ValueError):
     pass
 
 
-def resize_uint8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
-    """Resize uint8 [N, C, H, W] to size×size (bilinear, antialiased), keeping uint8."""
-    if images.shape[-1] == size and images.shape[-2] == size:
+def resize_uint8(images: torch.Tensor, size, chunk: int = 256) -> torch.Tensor:
+    """Resize uint8 [N, C, H, W] to size×size (or ``size`` = (h, w)) (bilinear, antialiased), keeping uint8."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if images.shape[-2] == h and images.shape[-1] == w:
         return images.contiguous()
     out = []
     for i in range(0, images.shape[0], chunk):
         x = images[i: i + chunk].float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
 

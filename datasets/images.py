@@ -69,8 +69,9 @@ def filter_of(name: str):
     return FILTERS[name]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PETL_BENCH_CACHE", "~/.cache/petl-bench")).expanduser() / "images"
+def default_cache_dir(kind: str = "images") -> Path:
+    """``$PETL_BENCH_CACHE/<kind>`` (default ``~/.cache/petl-bench/<kind>``); videos use ``kind="video"``."""
+    return Path(os.environ.get("PETL_BENCH_CACHE", "~/.cache/petl-bench")).expanduser() / kind
 
 
 def sha256_file(path: Path) -> str:
@@ -176,15 +177,31 @@ def content_key(items: Sequence[Item], spec: dict) -> str:
     return h.hexdigest()[:20]
 
 
-def _map_ordered(fn: Callable, items: Sequence[Item], workers: int, chunk: int = 256):
-    """Yield ``fn(item)`` in order; decodes in a thread pool (PIL releases the GIL while decoding/resizing)."""
-    if workers <= 1:
-        for it in items:
-            yield fn(it)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i in range(0, len(items), chunk):
-            yield from pool.map(fn, items[i: i + chunk])
+def _map_ordered(fn: Callable, items: Sequence[Item], workers: int, chunk: int = 256, progress: str | None = None):
+    """Yield ``fn(item)`` in order; decodes in a thread pool (PIL and decord release the GIL while decoding).
+
+    ``chunk`` bounds how many results are in flight (videos: a few per worker); ``progress`` = a tqdm label.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), desc=progress, unit="file", leave=False)
+    try:
+        if workers <= 1:
+            for it in items:
+                yield fn(it)
+                if bar is not None:
+                    bar.update(1)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i in range(0, len(items), chunk):
+                for out in pool.map(fn, items[i: i + chunk]):
+                    yield out
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _finish(tmp: Path, final: Path) -> None:
@@ -229,20 +246,29 @@ def cached_fixed(items: Sequence[Item], spec: dict, decode: Callable[[Item], np.
 
 
 def cached_ragged(items: Sequence[Item], spec: dict, decode: Callable[[Item], np.ndarray], cache_dir: Path,
-                  workers: int = 4, in_memory_max_mb: float = 2048) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(flat uint8 buffer, int64 [N, 3] (offset, h, w)) of variable-size decoded items."""
+                  workers: int = 4, in_memory_max_mb: float = 2048, dims: Callable[[np.ndarray], tuple] | None = None,
+                  chunk: int = 256, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(flat uint8 buffer, int64 [N, 1 + len(dims)] (offset, *dims)) of variable-size decoded items.
+
+    ``dims(array)`` gives the index columns after the offset: images [3, h, w] -> (h, w) (default); videos
+    [frames, h, w, 3] pass ``lambda a: a.shape[:3]`` -> (frames, h, w).
+    """
+    dims = dims or (lambda a: a.shape[1:])
     key = content_key(items, {**spec, "layout": "ragged"})
     final = Path(cache_dir) / key
     if not (final / "done").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}-"))
         try:
-            index = np.zeros((len(items), 3), dtype=np.int64)
+            index = None
             offset = 0
-            log.info("decoding %d images into %s", len(items), final)
+            log.info("decoding %d files into %s", len(items), final)
             with open(tmp / "data.bin", "wb") as f:
-                for i, img in enumerate(_map_ordered(decode, list(items), workers)):
-                    index[i] = (offset, img.shape[1], img.shape[2])
+                for i, img in enumerate(_map_ordered(decode, list(items), workers, chunk, progress)):
+                    row = (offset, *dims(img))
+                    if index is None:
+                        index = np.zeros((len(items), len(row)), dtype=np.int64)
+                    index[i] = row
                     f.write(np.ascontiguousarray(img).tobytes())
                     offset += img.size
             # wrap the raw bytes as a .npy (header + data) without holding them in memory
@@ -255,7 +281,7 @@ def cached_ragged(items: Sequence[Item], spec: dict, decode: Callable[[Item], np
             data.flush()
             del data
             os.unlink(tmp / "data.bin")
-            np.save(tmp / "index.npy", index)
+            np.save(tmp / "index.npy", index if index is not None else np.zeros((0, 3), dtype=np.int64))
             _finish(tmp, final)
         finally:
             if tmp.exists():

@@ -41,11 +41,12 @@ def test_every_yaml_names_a_registered_entry_and_vice_versa(registry, group):
 
 
 def test_group_globs_expand_over_nested_configs():
-    """dataset=glob(synthetic/*) sweeps the four procedural tasks (Hydra's glob sees no nested options)."""
+    """dataset=glob(synthetic/*) sweeps the procedural tasks (Hydra's glob sees no nested options)."""
     from bench.cli import expand_group_globs
 
     out = expand_group_globs(["-m", "dataset=glob(synthetic/*)", "method=glob(spt_*)", "seed=0,1", "train.lr=glob(x)"])
-    assert out == ["-m", "dataset=synthetic/clevr_count,synthetic/dsprites_loc,synthetic/dsprites_ori,synthetic/textures",
+    assert out == ["-m", "dataset=synthetic/clevr_count,synthetic/dsprites_loc,synthetic/dsprites_ori,synthetic/moving_dsprites,"
+                   "synthetic/textures",
                    "method=spt_adapter,spt_lora", "seed=0,1", "train.lr=glob(x)"]
     vtab = expand_group_globs(["dataset=glob(vtab/*,exclude=[vtab/s*,vtab/d*])"])[0].split("=")[1].split(",")
     assert len(vtab) == 19 - 9 and "vtab/cifar100" in vtab and not any(n.startswith(("vtab/s", "vtab/d")) for n in vtab)

@@ -46,20 +46,24 @@ def cached(root: str | Path | None, kind: str, params: dict, make: Callable[[], 
     return arrays
 
 
+def vtab_cuts(cfg) -> dict[str, slice]:
+    """Split name -> slice of the generated examples: train (800), val (200), train800val200, test (the rest)."""
+    sizes = cfg["sizes"]
+    n_train, n_val = int(sizes["train"]), int(sizes["val"])
+    return {"train800": slice(0, n_train), "val200": slice(n_train, n_train + n_val),
+            "train800val200": slice(0, n_train + n_val), "test": slice(n_train + n_val, None)}
+
+
 def vtab_task(cfg, images: np.ndarray, labels: np.ndarray, image_size: int, mean, std, info: dict) -> Task:
     """Split generated examples in order: train (800), val (200), test; train800val200 = the first 1000.
 
     ``images``: uint8 [N, H, W] (gray) or [N, H, W, 3] (colour).
     """
-    sizes = cfg["sizes"]
-    n_train, n_val = int(sizes["train"]), int(sizes["val"])
     x = torch.from_numpy(images)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
     x = resize_uint8(x.contiguous(), image_size)
     y = torch.from_numpy(np.asarray(labels)).long()
-    cuts = {"train800": slice(0, n_train), "val200": slice(n_train, n_train + n_val),
-            "train800val200": slice(0, n_train + n_val), "test": slice(n_train + n_val, None)}
-    splits = {k: ImageTensorDataset(x[s], y[s], mean, std) for k, s in cuts.items()}
+    splits = {k: ImageTensorDataset(x[s], y[s], mean, std) for k, s in vtab_cuts(cfg).items()}
     return Task(name=cfg["name"], benchmark=cfg.get("benchmark", "embedded"), num_classes=int(cfg["num_classes"]),
                 splits=splits, roles=dict(cfg["roles"]), image_size=image_size, mean=list(mean), std=list(std),
                 info=info)

@@ -47,14 +47,17 @@ def render(shape: int, scale_i: int, orient_i: int, px: int, py: int) -> np.ndar
     dx, dy = xx - cx, yy - cy
     u = (np.cos(theta) * dx + np.sin(theta) * dy) / r
     v = (-np.sin(theta) * dx + np.cos(theta) * dy) / r
+    return (shape_inside(shape, u, v) * 255).astype(np.uint8)
+
+
+def shape_inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean mask of sprite ``shape`` (0 square, 1 ellipse, 2 heart) in its own rotated, radius-1 coordinates."""
     if shape == 0:  # square
-        inside = (np.abs(u) <= 0.8) & (np.abs(v) <= 0.8)
-    elif shape == 1:  # ellipse
-        inside = (u / 1.0) ** 2 + (v / 0.5) ** 2 <= 1.0
-    else:  # heart, point down along -v
-        hu, hv = 1.2 * u, -1.2 * v + 0.2
-        inside = (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
-    return (inside * 255).astype(np.uint8)
+        return (np.abs(u) <= 0.8) & (np.abs(v) <= 0.8)
+    if shape == 1:  # ellipse
+        return (u / 1.0) ** 2 + (v / 0.5) ** 2 <= 1.0
+    hu, hv = 1.2 * u, -1.2 * v + 0.2  # heart, point down along -v
+    return (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
 
 
 def generate(n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
