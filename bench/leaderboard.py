@@ -41,7 +41,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
             "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
             "created": r.get("created", ""), "run_id": r.get("run_id", ""),
             "epochs": (proto.get("schedule") or {}).get("epochs"),
-            "views": proto.get("eval_views", 1),
+            "views": proto.get("views", 1),
         })
     df = pd.DataFrame(rows)
     if df.empty:

@@ -141,7 +141,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "selected_epoch": out["selected_epoch"],
             "select_score": out["select_score"],
             "image_size": task.image_size,
-            "eval_views": out["eval_views"],
+            "views": out["eval_views"],  # views averaged per test example (video: temporal x spatial)
             **kinds.get(getattr(task, "kind", "image_cls")).protocol(task),
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
             "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
