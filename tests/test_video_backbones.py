@@ -23,7 +23,8 @@ def params(backbone, method, *extra, classes=174):
 # (backbone, method, trainable params excluding the head): spec §A3 parameter summary / issue 11
 COUNTS = [
     ("videomae_b", "full", 86_227_200), ("videomae_b", "linear", 0), ("videomae_b", "adaptformer", 1_189_632),
-    ("videomae_b", "bapat", 2_093_184), ("videomae_b", "bitfit", 12 * (1_536 + 1_536 + 768 + 3_072 + 768) + 768 + 768),  # q/v, norms, proj, fc1, fc2; embed, fc_norm
+    ("videomae_b", "bapat", 2_093_184), ("videomae_b", "patt", 903_552), ("videomae_b", "lora", 294_912),
+    ("videomae_b", "prefix", 368_640), ("videomae_b", "bitfit", 12 * (1_536 + 1_536 + 768 + 3_072 + 768) + 768 + 768),  # q/v, norms, proj, fc1, fc2; embed, fc_norm
     ("video_swin_b", "full", 87_638_984), ("video_swin_b", "linear", 0), ("video_swin_b", "bitfit", 1_090_376),
     ("video_swin_b", "adaptformer", 1_553_664), ("video_swin_b", "patt", 4_647_424),
     ("video_swin_b", "bapat", 6_201_088), ("video_swin_b", "lora", 770_048), ("video_swin_b", "prefix", 4_839_936),

@@ -1,5 +1,6 @@
-"""Is the embedded default a transfer experiment? Three arms on ``synthetic/dsprites_loc`` with ``vit_micro``,
-3 seeds each, through the runner exactly as ``python -m bench`` runs them:
+"""Is the embedded default a transfer experiment? Three arms on ``synthetic/dsprites_loc`` with ``vit_micro``
+(``--task video``: ``synthetic/moving_dsprites`` with ``video_micro``, the inflated ``vit_micro``), 3 seeds each,
+through the runner exactly as ``python -m bench`` runs them:
 
 * ``linear`` on a random-init ``vit_micro`` (``backbone.checkpoint=null``),
 * ``linear`` on the FractalDB-pretrained ``vit_micro`` (the default checkpoint),
@@ -9,6 +10,7 @@ The claim checked: pretrained linear > random linear, and lora > pretrained line
 (difference of the means) larger than the std over the seeds (sample std, ddof 1) of either arm.
 
     python -m tools.embedded_margins                 # writes results/embedded/margins.md (about 4 min)
+    python -m tools.embedded_margins --task video    # writes results/embedded_video/margins.md
     python -m tools.embedded_margins --set train.epochs=2 --out /tmp/m.md
 
 Records go to a scratch results folder (``--records``, default a temporary one) so the random-init arm
@@ -29,16 +31,25 @@ ARMS = (
     ("lora, pretrained", ["method=lora"]),
 )
 CLAIMS = ((1, 0), (2, 1))  # (better arm, worse arm) indices into ARMS
+TASKS = {  # --task: (dataset, backbone, default output under results/)
+    "image": ("synthetic/dsprites_loc", "vit_micro", "embedded/margins.md"),
+    "video": ("synthetic/moving_dsprites", "video_micro", "embedded_video/margins.md"),
+}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def check(scores: dict[str, list[float]]) -> list[dict]:
-    """One row per claim: the two arms, the margin, the larger std, whether margin > std."""
+def check(scores: dict[str, list[float]], chance: float | None = None) -> list[dict]:
+    """One row per claim: the two arms, the margin, the larger std, whether margin > std; with ``chance``
+    (top-1 % of guessing) also the last arm (the default job) against chance."""
     names = [a for a, _ in ARMS]
     rows = []
+    if chance is not None:
+        m, sd = mean_std(scores[names[-1]])
+        rows.append({"better": names[-1], "worse": f"chance ({chance:.2f} %)", "margin": m - chance, "std": sd,
+                     "holds": m - chance > sd})
     for hi, lo in CLAIMS:
         (mh, sh), (ml, sl) = mean_std(scores[names[hi]]), mean_std(scores[names[lo]])
         rows.append({"better": names[hi], "worse": names[lo], "margin": mh - ml, "std": max(sh, sl),
@@ -46,18 +57,25 @@ def check(scores: dict[str, list[float]]) -> list[dict]:
     return rows
 
 
-def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], seconds: float, data: str) -> str:
-    lines = ["# Embedded default: pretrained vs random vit_micro, lora vs linear", "",
-             f"- dataset `synthetic/dsprites_loc` ({data}), backbone `vit_micro`, "
+def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], seconds: float, data: str,
+           task: str = "image", chance: float | None = None, run_s: list[float] | None = None) -> str:
+    dataset, backbone, _ = TASKS[task]
+    flag = "" if task == "image" else f" --task {task}"
+    lines = [f"# Embedded default: pretrained vs random {backbone}, lora vs linear", "",
+             f"- dataset `{dataset}` ({data}), backbone `{backbone}`, "
              f"seeds {', '.join(map(str, seeds))}, default recipe" + (f", overrides `{' '.join(extra)}`" if extra else ""),
-             f"- regenerate: `python -m tools.embedded_margins` ({seconds / 60:.1f} min on this machine)", "",
+             f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine)"]
+    if run_s:
+        lines.append(f"- wall time of one run of the default job (lora, pretrained): {min(run_s):.1f}-{max(run_s):.1f} s")
+    lines += [""]
+    lines += [
              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|---|" + "---:|" * (len(seeds) + 1)]
     for arm, _ in ARMS:
         m, s = mean_std(scores[arm])
         lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in scores[arm]) + f" | {m:.2f} ± {s:.2f} |")
     lines += ["", "| claim | margin (pp) | larger std | holds |", "|---|---:|---:|---|"]
-    for r in check(scores):
+    for r in check(scores, chance):
         lines.append(f"| {r['better']} > {r['worse']} | {r['margin']:.2f} | {r['std']:.2f} | "
                      f"{'yes' if r['holds'] else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -78,26 +96,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every run, e.g. train.epochs=2")
     p.add_argument("--records", default=None, help="results folder for the runs' records (default: temporary)")
-    p.add_argument("--out", default=str(ROOT / "results" / "embedded" / "margins.md"))
+    p.add_argument("--task", choices=sorted(TASKS), default="image")
+    p.add_argument("--out", default=None, help="default: results/embedded/margins.md (video: results/embedded_video/)")
     a = p.parse_args(argv)
+    dataset, backbone, out = TASKS[a.task]
+    a.out = a.out or str(ROOT / "results" / out)
     import_suite()
     seeds = [int(s) for s in a.seeds.split(",")]
     scores: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         records = a.records or tmp
-        d = compose("config", overrides=["dataset=synthetic/dsprites_loc", *a.extra]).dataset
+        d = compose("config", overrides=[f"dataset={dataset}", f"backbone={backbone}", *a.extra]).dataset
         data = f"{d.num_classes} classes, {d.sizes.train} train / {d.sizes.test:,} test"
+        chance = 100.0 / int(d.num_classes) if a.task == "video" else None
+        run_s = []
         for arm, over in ARMS:
             for seed in seeds:
-                overrides = [*over, "dataset=synthetic/dsprites_loc", f"seed={seed}", "progress=false",
+                overrides = [*over, f"dataset={dataset}", f"backbone={backbone}", f"seed={seed}", "progress=false",
                              f"results.dir={records}", *a.extra]
                 rec = run(compose("config", overrides=overrides), overrides)
-                scores[arm].append(float(rec["top1"]))
-    text = render(scores, seeds, a.extra, time.perf_counter() - t0, data)
+                scores[arm].append(float(rec["score"]))
+                if arm == ARMS[-1][0]:
+                    run_s.append(float(rec["perf"]["wall_s"]))
+    text = render(scores, seeds, a.extra, time.perf_counter() - t0, data, a.task, chance, run_s if chance else None)
     write_text_atomic(Path(a.out), text)
     print(text)
-    return 0 if all(r["holds"] for r in check(scores)) else 1
+    return 0 if all(r["holds"] for r in check(scores, chance)) else 1
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ def _path(rng: np.random.Generator, angle: float, speed: float, frames: int) -> 
     return (x0 + speed * np.cos(angle) * t) % SIZE, (y0 - speed * np.sin(angle) * t) % SIZE  # image y points down
 
 
-def clip(label: int, rng: np.random.Generator, frames: int = FRAMES) -> np.ndarray:
+SPEED = (0.6, 1.2)  # the target's speed range, px/frame (dataset.speed)
+
+
+def clip(label: int, rng: np.random.Generator, frames: int = FRAMES, speed=SPEED, distractor: bool = True) -> np.ndarray:
     """uint8 [frames, SIZE, SIZE] of one clip of class ``label``."""
     t = np.arange(frames)
     img = rng.uniform(0, 40) + rng.normal(0, 6, (frames, SIZE, SIZE))
@@ -63,8 +66,10 @@ def clip(label: int, rng: np.random.Generator, frames: int = FRAMES) -> np.ndarr
         (rng.uniform(80, 140), int(rng.integers(3)), rng.uniform(2.5, 4.0), rng.uniform(0, 2 * np.pi),
          rng.uniform(0.3, 1.2)),
         (rng.uniform(190, 255), int(rng.integers(3)), rng.uniform(3.0, 5.0),
-         label * np.pi / 4 + np.deg2rad(rng.uniform(-10, 10)), rng.uniform(0.6, 1.2)),
+         label * np.pi / 4 + np.deg2rad(rng.uniform(-10, 10)), rng.uniform(*speed)),
     ]
+    if not distractor:
+        sprites = sprites[1:]
     for level, shape, r, angle, speed in sprites:
         cx, cy = _path(rng, angle, speed, frames)
         theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.2, 0.2) * t
@@ -73,18 +78,22 @@ def clip(label: int, rng: np.random.Generator, frames: int = FRAMES) -> np.ndarr
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def generate(n: int, seed: int, frames: int = FRAMES) -> dict[str, np.ndarray]:
+def generate(n: int, seed: int, frames: int = FRAMES, speed=SPEED, distractor: bool = True) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(CLASSES, size=n)
-    return {"clips": np.stack([clip(int(k), rng, frames) for k in labels]), "labels": labels}
+    return {"clips": np.stack([clip(int(k), rng, frames, speed, distractor) for k in labels]), "labels": labels}
 
 
 def build_moving_dsprites(cfg, image_size: int, mean, std) -> Task:
     frames, stride = clip_geometry(cfg)
     temporal, _ = eval_views(cfg, default_temporal=1)
     n, seed, length = total_size(cfg), int(cfg.get("data_seed", 0)), int(cfg.get("clip_frames") or FRAMES)
-    z = cached(cfg.get("root"), "moving_dsprites", {"v": 1, "n": n, "seed": seed, "frames": length, "size": SIZE},
-               lambda: generate(n, seed, length))
+    speed = tuple(float(v) for v in (cfg.get("speed") or SPEED))
+    distractor = bool(cfg.get("distractor", True))
+    params = {"v": 1, "n": n, "seed": seed, "frames": length, "size": SIZE}
+    if speed != SPEED or not distractor:  # (the default data keep their cache key)
+        params.update(speed=list(speed), distractor=distractor)
+    z = cached(cfg.get("root"), "moving_dsprites", params, lambda: generate(n, seed, length, speed, distractor))
     labels = z["labels"].astype(np.int64)
     size = int(image_size)
     splits = {}
