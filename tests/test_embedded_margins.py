@@ -21,3 +21,17 @@ def test_three_arms_end_to_end(tmp_path):
     assert rc in (0, 1)  # one epoch on 64 images decides nothing; the table must still be complete
     assert "| linear, random init |" in text and "| lora, pretrained |" in text and "(16 classes, 64 train / 64 test)" in text
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 6
+
+
+def test_video_arms_compare_lora_on_pretrained_and_random_and_with_chance():
+    em.use_task("video")
+    try:
+        arms = [a for a, _ in em.ARMS]
+        assert arms == ["lora, random init", "lora, pretrained"]
+        rows = em.check({arms[0]: [20.0, 22.0, 24.0], arms[1]: [50.0, 52.0, 54.0]}, chance=12.5)
+        assert [r["worse"] for r in rows] == ["chance (12.50 %)", "lora, random init"]
+        assert rows[0]["margin"] == 52.0 - 12.5 and rows[0]["std"] == 2.0 and all(r["holds"] for r in rows)
+        text = em.render({arms[0]: [20.0], arms[1]: [50.0]}, [0], [], 60.0, "8 classes", "video", 12.5, [50.0])
+        assert "`synthetic/moving_dsprites`" in text and "--task video" in text and "50.0-50.0 s" in text
+    finally:
+        em.use_task("image")

@@ -31,10 +31,20 @@ ARMS = (
     ("lora, pretrained", ["method=lora"]),
 )
 CLAIMS = ((1, 0), (2, 1))  # (better arm, worse arm) indices into ARMS
+IMAGE_ARMS, IMAGE_CLAIMS = ARMS, CLAIMS
 TASKS = {  # --task: (dataset, backbone, default output under results/)
     "image": ("synthetic/dsprites_loc", "vit_micro", "embedded/margins.md"),
     "video": ("synthetic/moving_dsprites", "video_micro", "embedded_video/margins.md"),
 }
+# video: the default job (lora) on the inflated pretrained video_micro vs on a random one, and vs chance
+VIDEO_ARMS = (("lora, random init", ["method=lora", "backbone.checkpoint=null"]), ("lora, pretrained", ["method=lora"]))
+VIDEO_CLAIMS = ((1, 0),)
+
+
+def use_task(task: str) -> None:
+    """Select the arms and claims of ``task`` (module-level, as ``check``/``render`` read them)."""
+    global ARMS, CLAIMS
+    ARMS, CLAIMS = (VIDEO_ARMS, VIDEO_CLAIMS) if task == "video" else (IMAGE_ARMS, IMAGE_CLAIMS)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,7 +71,8 @@ def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], s
            task: str = "image", chance: float | None = None, run_s: list[float] | None = None) -> str:
     dataset, backbone, _ = TASKS[task]
     flag = "" if task == "image" else f" --task {task}"
-    lines = [f"# Embedded default: pretrained vs random {backbone}, lora vs linear", "",
+    title = "lora on pretrained vs random" if task == "video" else "pretrained vs random, lora vs linear"
+    lines = [f"# Embedded default: {title} {backbone}", "",
              f"- dataset `{dataset}` ({data}), backbone `{backbone}`, "
              f"seeds {', '.join(map(str, seeds))}, default recipe" + (f", overrides `{' '.join(extra)}`" if extra else ""),
              f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine)"]
@@ -101,6 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     dataset, backbone, out = TASKS[a.task]
     a.out = a.out or str(ROOT / "results" / out)
+    use_task(a.task)
     import_suite()
     seeds = [int(s) for s in a.seeds.split(",")]
     scores: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
