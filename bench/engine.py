@@ -96,7 +96,8 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast() if autocast else contextlib.nullcontext():
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                loss = method.training_loss(model, x, y, logits, loss_fn(logits, y))
             opt.zero_grad(set_to_none=True)
             method.before_backward(model, loss)
             loss.backward()
