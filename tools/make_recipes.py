@@ -376,10 +376,12 @@ FALLBACK_LORA = {
 GLORA = "Arnav0400/ViT-Slim@0fed674"
 DYT = "NUS-HPC-AI-Lab/Dynamic-Tuning@d1744f0"
 NO_RECIPE = {
-    "e2vpt": "ChengHan111/E2VPT tune_vtab_CVK.py / tune_fgvc_fiveRuns.py sweep lr x wd on val per task and publish "
-             "no chosen values (only the prompt lengths of command.txt, in conf/method/e2vpt.yaml)",
-    "vqt": "andytu28/VQT head2toe_train.py sweeps lr x wd on val per task (Adam); no chosen values published "
-           "(the query lengths of run_demo_exp.sh are in conf/method/vqt.yaml)",
+    "e2vpt": "ChengHan111/E2VPT@7a66e75 tune_vtab_CVK.py / tune_fgvc_fiveRuns.py sweep lr {0.05..50} x wd {0.01..0} "
+             "on val per task and publish no chosen values; the SOLVER values in configs/prompt/prompt_test/* (0.01 / "
+             "1e-3 on 18 VTAB tasks, outside that sweep) are overridden by it. The per-task prompt lengths of "
+             "command.txt are method data (conf/method/e2vpt.yaml)",
+    "vqt": "andytu28/VQT@9bca87e head2toe_train.py sweeps lr x wd on val per task (Adam); no chosen values "
+           "published (the query lengths of run_demo_exp.sh are method data, conf/method/vqt.yaml)",
     "partial": "V-PETL Bench reports Partial-1 only on dense tasks; no VTAB/FGVC recipe",
     "prefix": "no image code or recipe published (specs/image_extra.md sec. 2)",
     "u_tuning": "no code or recipe published (specs/image_extra.md sec. 3)",
