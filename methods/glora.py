@@ -17,7 +17,8 @@ No scaling factor. ``merge`` writes W₀ + W₀⊙A + B and b₀ + b₀⊙D + E 
 The searched-config format: ``config`` is what the official evolution search stores per candidate, a
 list with one dict ``{'A': 'LoRA_4', 'B': 'vector', 'C': 'none', 'D': 'constant', 'E': 'vector'}`` per
 wrapped linear in ``named_modules`` order (block 0 qkv, proj, fc1, fc2, block 1 ...), 48 on ViT-B; a
-single dict applies to every linear; a string is a json/yaml file holding such a list. ``config: null``
+single dict applies to every linear; a string is a json/yaml file holding such a list, or the official
+search checkpoint ``checkpoint-<epoch>.pth.tar`` (its best candidate, ``keep_top_k[50][0]``). ``config: null``
 (default) trains every path at its largest choice (A, B, C ``LoRA_r``, D, E ``vector``), which is
 exactly the tensor set of the official supernet: r = 4 (the official ``--rank`` default) gives, per
 linear, 2r(out+in) + r(in+1) + 2·out, i.e. 32,260 (qkv) + 16,900 (proj) + 39,940 (fc1) + 44,548 (fc2)
@@ -134,7 +135,10 @@ def load_config(config, n_linears: int, rank: int) -> list[dict]:
     if config is None:
         full = {"A": f"LoRA_{rank}", "B": f"LoRA_{rank}", "C": f"LoRA_{rank}", "D": "vector", "E": "vector"}
         return [full] * n_linears
-    if isinstance(config, (str, Path)):
+    if isinstance(config, (str, Path)) and str(config).endswith((".pth", ".tar")):
+        # the official evolution checkpoint (checkpoint-<epoch>.pth.tar): keep_top_k[50] sorted by val accuracy
+        config = torch.load(config, map_location="cpu", weights_only=False)["keep_top_k"][50][0]
+    elif isinstance(config, (str, Path)):
         text = Path(config).read_text(encoding="utf-8")
         if str(config).endswith((".yaml", ".yml")):
             import yaml
@@ -179,10 +183,4 @@ class GLoRA(Method):
             for n in names:
                 b.set_linear(n, GLoRALinear(b.linear(n), next(it), rank))
         self.n_configs = len(configs)
-
-    def describe(self) -> dict:
-        d = super().describe()
-        if isinstance(d.get("config"), (list, tuple)) or hasattr(d.get("config"), "items"):
-            d["config"] = json.loads(json.dumps(d["config"], default=str))
-        return d
 

@@ -82,6 +82,10 @@ def test_glora_config_list_file_and_errors(tmp_path):
     f.write_text(json.dumps([one] * 8))
     model2, _ = build("glora", config=str(f))
     assert trainable(model2) == trainable(model)
+    ck = tmp_path / "checkpoint-19.pth.tar"  # the official evolution checkpoint: best candidate first
+    torch.save({"keep_top_k": {10: [], 50: [tuple([one] * 8), tuple([{"A": "LoRA_4"}] * 8)]}, "epoch": 19}, ck)
+    model3, _ = build("glora", config=str(ck))
+    assert trainable(model3) == trainable(model)
     with pytest.raises(ValueError, match="8 wrapped linears"):
         build("glora", config=[one] * 3)
     with pytest.raises(ValueError, match="cannot be 'constant'"):
