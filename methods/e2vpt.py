@@ -24,7 +24,8 @@ visual prompts, P ⊙ m ⊙ tile(M) where segment j of a 768-d prompt is the str
 d ≡ j (mod 16) (the official ``repeat``). ``mask: true`` creates them as trainable tensors initialised
 to 1 (+17·p parameters; they are trained with the prompts, as the official stage 1); after that
 training, ``importance(model, loader, loss_fn)`` returns the official scores (the mask gradients
-averaged over the training batches) and ``masks_to_prune`` the official cascade selection (lowest
+averaged over the training batches, model in eval mode; the official pass also takes an optimizer step
+per batch because it reuses its training step, ours only scores) and ``masks_to_prune`` the official cascade selection (lowest
 scores first, at least 1 token and 4 segments kept). The rewind stage retrains from the same
 initialisation with the pruned entries fixed at 0: ``rewind_tokens`` (token indices) and
 ``rewind_pieces`` ({token: [segments]}), the contents of the official ``*_to_mask.json`` files; the
