@@ -101,7 +101,7 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         for batch in train_loader:
             batch = kind.to_device(batch, device)
             with autocast() if autocast else contextlib.nullcontext():
-                loss = kind.train_loss(model, batch, loss_fn)
+                loss = kind.train_loss(model, batch, loss_fn, method)
             opt.zero_grad(set_to_none=True)
             method.before_backward(model, loss)
             loss.backward()

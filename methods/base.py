@@ -2,7 +2,8 @@
 
 1. ``apply(model)``: freeze the backbone, inject the method's modules, head trainable;
 2. ``prepare(model, train_loader, loss_fn)`` if the method is data-dependent (``needs_prepare``);
-3. every step: ``before_backward(model, loss)``, ``after_backward(model)``,
+3. every step: ``training_loss(model, x, y, logits, loss)`` (a method adding its own loss terms returns
+   the total), ``before_backward(model, loss)``, ``after_backward(model)``,
    ``before_step(model, optimizer)``, ``after_step(model, optimizer)``;
 4. ``param_groups(model, lr, weight_decay)`` (per-parameter lr/wd; None = the engine's default);
 5. ``merge(model)`` (re-parameterisable methods) folds the method into plain backbone weights.
@@ -67,6 +68,10 @@ class Method:
         return {}
 
     # -- 3. per-step hooks ------------------------------------------------------------------
+    def training_loss(self, model: nn.Module, x, y, logits, loss):
+        """The loss to minimise this step, given the task loss of ``logits`` (default: ``loss`` itself)."""
+        return loss
+
     def before_backward(self, model: nn.Module, loss) -> None:
         pass
 

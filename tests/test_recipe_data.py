@@ -17,7 +17,7 @@ VIDEO = {k: v for k, v in ALL_RECIPES.items() if k[1] in mr.VIDEO_SETS}
 # the methods of the suite (existing and being written); recipes may only name these
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf bapat patt""".split())
+arc_att lst hst last snf bapat patt e2vpt glora vqt dyt""".split())
 
 
 def _train(method, ds):
@@ -27,7 +27,7 @@ def _train(method, ds):
 def test_committed_files_equal_generator_output(tmp_path):
     out = tmp_path / "recipe"
     n, removed = mr.write(out)
-    assert n == len(ALL_RECIPES) == 584 + 16 and removed == 0
+    assert n == len(ALL_RECIPES) == 584 + 16 + 2 * 19 and removed == 0  # + video, + glora, dyt (issue 15)
     committed = {p.relative_to(mr.RECIPE_DIR).as_posix(): p.read_text(encoding="utf-8")
                  for p in mr.RECIPE_DIR.rglob("*.yaml") if mr.is_generated(p)}
     generated = {p.relative_to(out).as_posix(): p.read_text(encoding="utf-8") for p in out.rglob("*.yaml")}
@@ -38,7 +38,7 @@ def test_committed_files_equal_generator_output(tmp_path):
     (out / "lora" / "synthetic").mkdir(parents=True)
     (out / "lora" / "synthetic" / "mine.yaml").write_text("# @package _global_\nrecipe: {source: me}\n")
     (out / "ssf" / "vtab" / "gone.yaml").write_text("# @package _global_\n" + mr.MARKER + "\n")
-    assert mr.write(out) == (600, 1)
+    assert mr.write(out) == (584 + 16 + 2 * 19, 1)
     assert (out / "lora" / "synthetic" / "mine.yaml").is_file() and not (out / "ssf" / "vtab" / "gone.yaml").exists()
     assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml") if mr.is_generated(p)} == generated
     assert mr.main(["--check", "--out", str(out)]) == 0
@@ -54,7 +54,7 @@ def test_every_recipe_is_complete_and_names_known_things():
         assert rec["source"] and list(rec["train"]) == mr.TRAIN_KEYS, (method, ds)
         t = rec["train"]
         assert t["optimizer"] in ("adamw", "sgd") and 0 < t["lr"] <= 15 and 0 <= t["weight_decay"] <= 1
-        assert t["epochs"] in (100, 200) and t["warmup_epochs"] == 10 and t["batch_size"] in (8, 16, 32, 64, 128)
+        assert t["epochs"] in (100, 200) + ((500,) if method == "glora" else ()) and t["warmup_epochs"] == 10 and t["batch_size"] in (8, 16, 32, 64, 128)
         assert 0 <= t["min_lr"] <= 1e-5 and 0 <= t["warmup_lr"] <= 1e-4 and 0 <= t["drop_path"] <= 0.2
         assert t["label_smoothing"] in (0.0, 0.1) and t["clip_grad"] in (None, 1.0)
         # train_aug is a VTAB key of the datasets; FGVC recipes never set it
@@ -123,11 +123,11 @@ def test_coverage_and_documented_gaps():
               "ssf", "hst", "gps", "dora", "vera", "fourierft"):
         assert per_method[m] == vtab | fgvc, m
     for m in ("sct", "spt_lora", "spt_adapter", "dtl", "hydra_adapter", "noah", "fact_tt", "fact_tk", "convpass",
-              "repadapter"):
+              "repadapter", "glora", "dyt"):
         assert per_method[m] == vtab, m
     assert per_method["full"] == {"cifar100", "caltech101"}           # dtd = sweep, the rest train the Adapter
     assert per_method["vpt_deep"] == {"dmlab", "eurosat", "sun397"} | fgvc
-    assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last"}
+    assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last", "e2vpt", "vqt"}
     assert METHODS - {"bapat", "patt"} == set(per_method) | set(mr.NO_RECIPE)
     for ds in vtab | fgvc:
         assert RECIPES["dora", ds]["source"].startswith("FALLBACK")

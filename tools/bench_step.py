@@ -136,7 +136,8 @@ def measure(method: str, backbone: str, batch: int, steps: int, warmup: int, dev
 
     def step():
         with autocast():
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            loss = m.training_loss(model, x, y, logits, loss_fn(logits, y))
         opt.zero_grad(set_to_none=True)
         m.before_backward(model, loss)
         loss.backward()

@@ -27,9 +27,12 @@ class TaskKind:
     def batch_size(self, batch) -> int:
         return int(batch[1].shape[0])
 
-    def train_loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+    def train_loss(self, model: nn.Module, batch, loss_fn: Callable, method=None) -> torch.Tensor:
+        """The step's loss; a method may add its own terms (``Method.training_loss``, e.g. DyT's FLOPs loss)."""
         x, y = batch
-        return loss_fn(model(x), y)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        return method.training_loss(model, x, y, logits, loss) if method is not None else loss
 
     def evaluate(self, model: nn.Module, loader, device: torch.device,
                  autocast: Optional[Callable] = None, max_batch: Optional[int] = None) -> dict[str, Any]:

@@ -76,9 +76,11 @@ class PrefixAttention(nn.Module):
 
     The prefixes get no position embedding and no mask; ``q_norm``/``k_norm`` act on the image keys only
     (Identity on ViT-B). Attention masks are not supported (ViT classification uses none).
+    ``prefix=None``: no prefixes. ``query_only=T``: the first T tokens of the sequence only query (their keys
+    and values are dropped), so no other token attends to them (VQT's query tokens).
     """
 
-    def __init__(self, attn: nn.Module, prefix: PrefixTable):
+    def __init__(self, attn: nn.Module, prefix: PrefixTable | None, query_only: int = 0):
         super().__init__()
         if getattr(attn, "gate", None) is not None:
             raise ValueError("prefix tuning does not support gated attention (timm Attention gated=True)")
@@ -89,6 +91,7 @@ class PrefixAttention(nn.Module):
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.fused_attn = attn.fused_attn
         self.prefix = prefix
+        self.query_only = query_only
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -97,9 +100,12 @@ class PrefixAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        pk, pv = self.prefix()
-        k = torch.cat([_heads(pk, B, self.num_heads, k.dtype), k], dim=2)
-        v = torch.cat([_heads(pv, B, self.num_heads, v.dtype), v], dim=2)
+        if self.query_only:
+            k, v = k[:, :, self.query_only:], v[:, :, self.query_only:]
+        if self.prefix is not None:
+            pk, pv = self.prefix()
+            k = torch.cat([_heads(pk, B, self.num_heads, k.dtype), k], dim=2)
+            v = torch.cat([_heads(pv, B, self.num_heads, v.dtype), v], dim=2)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
