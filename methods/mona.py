@@ -27,7 +27,9 @@ the modules exactly as on Swin and lay the patch tokens out on ``patch_embed.gri
 token has no grid position, so it goes through MonaOp as a 1×1 map (with zero padding only the centre taps and
 the biases act on it; the same convention as Convpass here), and through every token-wise step like any token.
 The official per-stage LayerNorms ``norm0..3`` of the dense backbone are frozen identity-affine norms outside the
-blocks and add nothing here.
+blocks and add nothing here. MonaOp runs as one depth-wise 7×7 convolution with the averaged kernels plus the
+identity folded in (the same linear map as the official three convolutions + identity, equal to float rounding;
+``tests/test_methods_issue15_a.py`` checks it against the official dataflow), on a channels-last map.
 """
 from __future__ import annotations
 
@@ -39,31 +41,51 @@ from methods.base import Method, register
 
 
 def on_grid(z: torch.Tensor, op: nn.Module, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
-    """``op`` (a channels-first 2-D map op that keeps the shape) on a token sequence z (B, N, C): the N - prefix
-    patch tokens as a (B, C, H, W) map, each prefix token as its own 1×1 map."""
+    """``op`` on a token sequence z (B, N, C): the N - prefix patch tokens as a (B, C, H, W) map (``op(map)``), each
+    prefix token as its own 1×1 map (``op.point(tokens)``, the same op on a 1×1 zero-padded map)."""
     B, N, C = z.shape
     h, w = grid
     if N != prefix + h * w:
         raise ValueError(f"mona expects {prefix} prefix + {h}x{w} grid tokens, got a sequence of {N}")
-    patches = op(z[:, prefix:].transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
-    if not prefix:
-        return patches
-    pre = op(z[:, :prefix].reshape(B * prefix, C, 1, 1)).reshape(B, prefix, C)
-    return torch.cat([pre, patches], dim=1)
+    maps = z[:, prefix:].transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
+    patches = op(maps).flatten(2).transpose(1, 2)
+    return torch.cat([op.point(z[:, :prefix]), patches], dim=1) if prefix else patches
 
 
 class MonaOp(nn.Module):
-    """Depth-wise 3/5/7 filters averaged, plus identity; then a 1×1 projection, plus identity."""
+    """Depth-wise 3/5/7 filters averaged, plus identity; then a 1×1 projection, plus identity.
+
+    Computed as ONE depth-wise k_max×k_max convolution whose kernel is the mean of the zero-padded kernels plus a
+    centre 1 (and the mean bias): the same linear map as the three convolutions and the identity, one pass instead
+    of three (CPU depth-wise convolutions are slow); the gradients reach each kernel through that sum."""
 
     def __init__(self, channels: int, kernels=(3, 5, 7), device=None):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, device=device)
                                    for k in kernels)
         self.projector = nn.Conv2d(channels, channels, 1, device=device)
+        self.k = max(kernels)
+
+    def kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight C×1×k×k, bias C) of the averaged filters plus the identity."""
+        n, k = len(self.convs), self.k
+        w = sum(F.pad(c.weight, [(k - c.kernel_size[0]) // 2] * 4) for c in self.convs) / n
+        centre = torch.zeros_like(w)
+        centre[:, :, k // 2, k // 2] = 1.0
+        return w + centre, sum(c.bias for c in self.convs) / n
+
+    def project(self, q: torch.Tensor) -> torch.Tensor:
+        return q + self.projector(q)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        q = sum(conv(p) for conv in self.convs) / len(self.convs) + p
-        return q + self.projector(q)
+        w, b = self.kernel()
+        return self.project(F.conv2d(p, w, b, padding=self.k // 2, groups=p.shape[1]))
+
+    def point(self, z: torch.Tensor) -> torch.Tensor:
+        """The op on tokens (..., C) each taken as a 1×1 map: zero padding leaves the centre taps and the biases."""
+        w, b = self.kernel()
+        q = z * w[:, 0, self.k // 2, self.k // 2] + b
+        return q + F.linear(q, self.projector.weight[:, :, 0, 0], self.projector.bias)
 
 
 class Mona(nn.Module):
@@ -98,7 +120,7 @@ class MonaMethod(Method):
     def inject(self, model, sites):
         hidden, dropout = int(self.get("bottleneck", 64)), float(self.get("dropout", 0.1))
         kernels = tuple(int(k) for k in self.get("kernels", [3, 5, 7]))
-        if hidden < 1 or any(k < 1 or k % 2 == 0 for k in kernels):
+        if hidden < 1 or not kernels or any(k < 1 or k % 2 == 0 for k in kernels):
             raise ValueError(f"mona: bottleneck must be >= 1 and kernels odd (got {hidden}, {list(kernels)})")
         vit_grid = tuple(sites.patch_embed.grid_size) if sites.family == "vit" else None
         for b in sites:
