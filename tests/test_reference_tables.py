@@ -13,7 +13,7 @@ COLUMNS = ["benchmark", "backbone", "method", "dataset", "top1", "params", "sour
 BACKBONES = {"vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b", "vit_l16", "vit_h14"}
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf""".split())
+arc_att lst hst last snf adapter_plus""".split())
 NATURAL = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
 SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
 STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
@@ -38,7 +38,7 @@ def cell(ref, file, backbone, method, dataset, benchmark="vtab"):
 
 
 def test_files_and_columns():
-    assert [p.name for p in FILES] == ["convpass.csv", "spt_snell_arc.csv", "vpetl_image.csv"]
+    assert [p.name for p in FILES] == ["convpass.csv", "issue15_methods_a.csv", "spt_snell_arc.csv", "vpetl_image.csv"]
     for p in FILES:
         text = p.read_text(encoding="utf-8").splitlines()
         header = next(line for line in text if not line.startswith("#"))
@@ -47,7 +47,7 @@ def test_files_and_columns():
 
 
 def test_values_in_range_and_names_known(ref):
-    assert len(ref) == 490 + 135 + 23
+    assert len(ref) == 490 + 135 + 23 + 2
     assert set(ref.benchmark) == {"vtab", "fgvc"}
     assert set(ref.backbone) <= BACKBONES and set(ref.method) <= METHODS
     for bench, ds in DATASETS.items():
@@ -122,8 +122,16 @@ def test_convpass_rows(ref):
         assert abs(sum(got[d] for d in group) / len(group) - cell(ref, "convpass.csv", "vit_b16", "convpass", name).top1) < 0.006
 
 
+def test_issue15_methods_a_rows(ref):
+    a = ref[ref.file == "issue15_methods_a.csv"]
+    assert set(a.method) == {"adapter_plus"} and set(a.dataset) == {"mean"} and a.params.isna().all()
+    assert cell(ref, "issue15_methods_a.csv", "vit_b16", "adapter_plus", "mean").top1 == 77.6
+    assert cell(ref, "issue15_methods_a.csv", "vit_b16", "adapter_plus", "mean", "fgvc").top1 == 90.7
+    assert a.source.str.contains("unverified").all()
+
+
 def test_leaderboard_reads_the_tables():
     vt = load_reference("vtab", "vit_b16")
     assert {"adapter", "arc", "convpass", "snell", "spt_lora", "vpt_deep"} <= set(vt.method)
     assert set(load_reference("vtab", "vit_h14").method) == {"snell", "lora", "arc"}
-    assert len(load_reference("fgvc", "vit_b16")) == 15 * 6 + 2 * 6 + 6 + 6
+    assert len(load_reference("fgvc", "vit_b16")) == 15 * 6 + 2 * 6 + 6 + 6 + 1
