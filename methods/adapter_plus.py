@@ -15,11 +15,10 @@ ViT-B/16, r = 8: 12·(768·8 + 8 + 8·768 + 768 + 768) = 165,984 parameters. Non
 Options (the official ablation axes): ``init: houlsby | lora | bert`` (LoRA init: W₁ kaiming-uniform a=√5 with
 PyTorch's default bias, W₂ and b₂ zero, i.e. identity at init; BERT init: N(0, .02²) weights, zero biases),
 ``scaling: channel | learned | <float>`` (learned = one scalar). ``per_dataset: true`` takes the official
-per-dataset bottleneck of the ``experiment/vtab/adapter_plus_dim1-32`` and ``experiment/fgvc/adapter_plus_dim1-32``
-recipes
+per-dataset bottleneck of ``experiment/vtab/adapter_plus_dim1-32`` and ``experiment/fgvc/adapter_plus_dim1-32``
 from ``methods/data/per_dataset_vtab.yaml``; the repository also ships dim1-4 and dim1-8 VTAB tables (set
-``method.bottleneck`` per run for those). The default r = 8 is the paper's setting without per-task tuning
-(``experiment/vtab/adapter_plus_dim8``).
+``method.bottleneck`` per run for those). The default r = 8 is the official default (``conf/adapter/
+base_adapter.yaml``, the README example, ``experiment/vtab/adapter_plus_dim8``: one r for every task).
 
 Deviations: none in the module or its position. The official package patches timm's ViT factory; here the
 adapter is an ``out`` extension of our blocks (same dataflow). Defined on ViT only (the official code).
