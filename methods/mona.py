@@ -27,9 +27,9 @@ the modules exactly as on Swin and lay the patch tokens out on ``patch_embed.gri
 token has no grid position, so it goes through MonaOp as a 1×1 map (with zero padding only the centre taps and
 the biases act on it; the same convention as Convpass here), and through every token-wise step like any token.
 The official per-stage LayerNorms ``norm0..3`` of the dense backbone are frozen identity-affine norms outside the
-blocks and add nothing here. MonaOp runs as one depth-wise 7×7 convolution with the averaged kernels plus the
-identity folded in (the same linear map as the official three convolutions + identity, equal to float rounding;
-``tests/test_methods_issue15_a.py`` checks it against the official dataflow), on a channels-last map.
+blocks and add nothing here. MonaOp runs as one depth-wise 7×7 filter with the averaged kernels plus the identity
+folded in, applied as a banded matrix product (the same linear map as the official three convolutions + identity,
+equal to float rounding; ``tests/test_methods_issue15_a.py`` checks it against the official dataflow).
 """
 from __future__ import annotations
 
@@ -41,23 +41,33 @@ from methods.base import Method, register
 
 
 def on_grid(z: torch.Tensor, op: nn.Module, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
-    """``op`` on a token sequence z (B, N, C): the N - prefix patch tokens as a (B, C, H, W) map (``op(map)``), each
-    prefix token as its own 1×1 map (``op.point(tokens)``, the same op on a 1×1 zero-padded map)."""
+    """``op`` on a token sequence z (B, N, C): the N - prefix patch tokens as a (B, H, W, C) grid (``op(grid)``),
+    each prefix token as its own 1×1 map (``op.point(tokens)``, the same op on a 1×1 zero-padded map)."""
     B, N, C = z.shape
     h, w = grid
     if N != prefix + h * w:
         raise ValueError(f"mona expects {prefix} prefix + {h}x{w} grid tokens, got a sequence of {N}")
-    maps = z[:, prefix:].transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
-    patches = op(maps).flatten(2).transpose(1, 2)
+    patches = op(z[:, prefix:].reshape(B, h, w, C))
     return torch.cat([op.point(z[:, :prefix]), patches], dim=1) if prefix else patches
+
+
+def shift_index(h: int, w: int, k: int, device=None) -> torch.Tensor:
+    """(HW, HW) map from (output position, input position) to the tap index of a k×k 'same' zero-padded filter,
+    or k·k where the input position is outside the window (a zero)."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = ys.reshape(1, -1) - ys.reshape(-1, 1) + k // 2  # input row - output row + radius, per (out, in) pair
+    dx = xs.reshape(1, -1) - xs.reshape(-1, 1) + k // 2
+    inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+    return torch.where(inside, dy * k + dx, torch.full_like(dy, k * k)).to(device)
 
 
 class MonaOp(nn.Module):
     """Depth-wise 3/5/7 filters averaged, plus identity; then a 1×1 projection, plus identity.
 
-    Computed as ONE depth-wise k_max×k_max convolution whose kernel is the mean of the zero-padded kernels plus a
-    centre 1 (and the mean bias): the same linear map as the three convolutions and the identity, one pass instead
-    of three (CPU depth-wise convolutions are slow); the gradients reach each kernel through that sum."""
+    The averaged filters plus the identity are ONE depth-wise k_max×k_max filter (the mean of the zero-padded kernels
+    with 1 added at the centre, and the mean bias): the same linear map as the three convolutions and the identity.
+    It is applied as a per-channel (HW × HW) banded matrix product (one batched GEMM; CPU depth-wise convolution
+    kernels are many times slower on these small maps); gradients reach every kernel through the sum."""
 
     def __init__(self, channels: int, kernels=(3, 5, 7), device=None):
         super().__init__()
@@ -65,27 +75,36 @@ class MonaOp(nn.Module):
                                    for k in kernels)
         self.projector = nn.Conv2d(channels, channels, 1, device=device)
         self.k = max(kernels)
+        self._index = {}  # (h, w, device) -> shift_index
 
     def kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight C×1×k×k, bias C) of the averaged filters plus the identity."""
+        """(weight C×k×k, bias C) of the averaged filters plus the identity."""
         n, k = len(self.convs), self.k
-        w = sum(F.pad(c.weight, [(k - c.kernel_size[0]) // 2] * 4) for c in self.convs) / n
+        w = sum(F.pad(c.weight[:, 0], [(k - c.kernel_size[0]) // 2] * 4) for c in self.convs) / n
         centre = torch.zeros_like(w)
-        centre[:, :, k // 2, k // 2] = 1.0
+        centre[:, k // 2, k // 2] = 1.0
         return w + centre, sum(c.bias for c in self.convs) / n
 
     def project(self, q: torch.Tensor) -> torch.Tensor:
-        return q + self.projector(q)
+        """q + Conv1×1(q) on tokens (..., C)."""
+        return q + F.linear(q, self.projector.weight[:, :, 0, 0], self.projector.bias)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        w, b = self.kernel()
-        return self.project(F.conv2d(p, w, b, padding=self.k // 2, groups=p.shape[1]))
+        """On a token grid p (B, H, W, C); returns (B, H·W, C)."""
+        B, h, w, C = p.shape
+        key = (h, w, p.device)
+        if key not in self._index:
+            self._index[key] = shift_index(h, w, self.k, p.device)
+        kw, b = self.kernel()
+        taps = torch.cat([kw.reshape(C, -1), kw.new_zeros(C, 1)], dim=1)
+        band = taps[:, self._index[key]]  # (C, HW_out, HW_in)
+        q = torch.einsum("cpq,bqc->bpc", band.to(p.dtype), p.reshape(B, h * w, C)) + b
+        return self.project(q)
 
     def point(self, z: torch.Tensor) -> torch.Tensor:
         """The op on tokens (..., C) each taken as a 1×1 map: zero padding leaves the centre taps and the biases."""
-        w, b = self.kernel()
-        q = z * w[:, 0, self.k // 2, self.k // 2] + b
-        return q + F.linear(q, self.projector.weight[:, :, 0, 0], self.projector.bias)
+        kw, b = self.kernel()
+        return self.project(z * kw[:, self.k // 2, self.k // 2] + b)
 
 
 class Mona(nn.Module):
