@@ -17,7 +17,7 @@ VIDEO = {k: v for k, v in ALL_RECIPES.items() if k[1] in mr.VIDEO_SETS}
 # the methods of the suite (existing and being written); recipes may only name these
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf bapat patt e2vpt glora vqt dyt""".split())
+arc_att lst hst last snf bapat patt e2vpt glora vqt dyt mona adapter_plus pissa svft""".split())
 
 
 def _train(method, ds):
@@ -27,7 +27,7 @@ def _train(method, ds):
 def test_committed_files_equal_generator_output(tmp_path):
     out = tmp_path / "recipe"
     n, removed = mr.write(out)
-    assert n == len(ALL_RECIPES) == 584 + 16 + 2 * 19 and removed == 0  # + video, + glora, dyt (issue 15)
+    assert n == len(ALL_RECIPES) == 584 + 16 + 2 * 19 + 24 and removed == 0  # + video, glora/dyt, adapter_plus
     committed = {p.relative_to(mr.RECIPE_DIR).as_posix(): p.read_text(encoding="utf-8")
                  for p in mr.RECIPE_DIR.rglob("*.yaml") if mr.is_generated(p)}
     generated = {p.relative_to(out).as_posix(): p.read_text(encoding="utf-8") for p in out.rglob("*.yaml")}
@@ -38,7 +38,7 @@ def test_committed_files_equal_generator_output(tmp_path):
     (out / "lora" / "synthetic").mkdir(parents=True)
     (out / "lora" / "synthetic" / "mine.yaml").write_text("# @package _global_\nrecipe: {source: me}\n")
     (out / "ssf" / "vtab" / "gone.yaml").write_text("# @package _global_\n" + mr.MARKER + "\n")
-    assert mr.write(out) == (584 + 16 + 2 * 19, 1)
+    assert mr.write(out) == (584 + 16 + 2 * 19 + 24, 1)
     assert (out / "lora" / "synthetic" / "mine.yaml").is_file() and not (out / "ssf" / "vtab" / "gone.yaml").exists()
     assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml") if mr.is_generated(p)} == generated
     assert mr.main(["--check", "--out", str(out)]) == 0
@@ -106,6 +106,10 @@ def test_every_file_loads_with_the_global_package_and_known_keys():
     ("fact_tk", "svhn", dict(lr=1e-3, weight_decay=1e-4, no_decay_1d=False)),
     ("vpt_deep", "sun397", dict(optimizer="sgd", lr=12.5, weight_decay=1e-4, batch_size=128, drop_path=0.0)),
     ("vpt_deep", "cub", dict(optimizer="sgd", lr=0.1, weight_decay=0.01, batch_size=128)),
+    # Adapter+ (one recipe for every dataset: conf/train + conf/data of visinf/adapter_plus)
+    ("adapter_plus", "kitti", dict(lr=1e-3, weight_decay=1e-4, no_decay_1d=True, batch_size=64, warmup_lr=1e-5,
+                                   min_lr=1e-6, drop_path=0.1, label_smoothing=0.0)),
+    ("adapter_plus", "cars", dict(lr=1e-3, weight_decay=1e-4, batch_size=64, epochs=100)),
     # explicit fallback
     ("dora", "cifar100", dict(lr=0.005, weight_decay=0.005)),
 ])
@@ -120,14 +124,15 @@ def test_coverage_and_documented_gaps():
         per_method.setdefault(m, set()).add(ds)
     vtab, fgvc = set(mr.VTAB_TASKS), set(mr.FGVC_SETS)
     for m in ("linear", "bitfit", "ln_tune", "vpt_shallow", "adapter", "adaptformer", "lora", "snell", "arc", "arc_att",
-              "ssf", "hst", "gps", "dora", "vera", "fourierft"):
+              "ssf", "hst", "gps", "dora", "vera", "fourierft", "adapter_plus"):
         assert per_method[m] == vtab | fgvc, m
     for m in ("sct", "spt_lora", "spt_adapter", "dtl", "hydra_adapter", "noah", "fact_tt", "fact_tk", "convpass",
               "repadapter", "glora", "dyt"):
         assert per_method[m] == vtab, m
     assert per_method["full"] == {"cifar100", "caltech101"}           # dtd = sweep, the rest train the Adapter
     assert per_method["vpt_deep"] == {"dmlab", "eurosat", "sun397"} | fgvc
-    assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last", "e2vpt", "vqt"}
+    assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last", "e2vpt", "vqt", "mona",
+                                 "pissa", "svft"}
     assert METHODS - {"bapat", "patt"} == set(per_method) | set(mr.NO_RECIPE)
     for ds in vtab | fgvc:
         assert RECIPES["dora", ds]["source"].startswith("FALLBACK")

@@ -14,7 +14,7 @@ BACKBONES = {"vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b",
              "video_swin_b"}
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf bapat patt""".split())
+arc_att lst hst last snf bapat patt adapter_plus""".split())
 NATURAL = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
 SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
 STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
@@ -23,7 +23,8 @@ VTAB = NATURAL + SPECIALIZED + STRUCTURED
 FGVC = ["cub", "nabirds", "flowers", "dogs", "cars"]
 DATASETS = {"vtab": set(VTAB) | {"mean_natural", "mean_specialized", "mean_structured", "mean"},
             "fgvc": set(FGVC) | {"mean"}, "video": {"ssv2", "hmdb51"}}
-ROWS = {"convpass.csv": 23, "spt_snell_arc.csv": 135, "vpetl_image.csv": 490, "vpetl_video.csv": 22}
+ROWS = {"convpass.csv": 23, "issue15_methods_a.csv": 2, "spt_snell_arc.csv": 135, "vpetl_image.csv": 490,
+        "vpetl_video.csv": 22}
 FILES = sorted(REFERENCE_DIR.glob("*.csv"))
 
 
@@ -126,11 +127,19 @@ def test_convpass_rows(ref):
         assert abs(sum(got[d] for d in group) / len(group) - cell(ref, "convpass.csv", "vit_b16", "convpass", name).top1) < 0.006
 
 
+def test_issue15_methods_a_rows(ref):
+    a = ref[ref.file == "issue15_methods_a.csv"]
+    assert set(a.method) == {"adapter_plus"} and set(a.dataset) == {"mean"} and a.params.isna().all()
+    assert cell(ref, "issue15_methods_a.csv", "vit_b16", "adapter_plus", "mean").top1 == 77.6
+    assert cell(ref, "issue15_methods_a.csv", "vit_b16", "adapter_plus", "mean", "fgvc").top1 == 90.7
+    assert a.source.str.contains("unverified").all()
+
+
 def test_leaderboard_reads_the_tables():
     vt = load_reference("vtab", "vit_b16")
     assert {"adapter", "arc", "convpass", "snell", "spt_lora", "vpt_deep"} <= set(vt.method)
     assert set(load_reference("vtab", "vit_h14").method) == {"snell", "lora", "arc"}
-    assert len(load_reference("fgvc", "vit_b16")) == 15 * 6 + 2 * 6 + 6 + 6
+    assert len(load_reference("fgvc", "vit_b16")) == 15 * 6 + 2 * 6 + 6 + 6 + 1
 
 
 def test_vpetl_video_rows(ref):

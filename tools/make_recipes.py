@@ -362,6 +362,14 @@ VPT_VTAB = {"dmlab": (64, 0.25, 1e-3), "eurosat": (64, 0.25, 1e-3), "sun397": (1
 VPT_FGVC = {"cub": (0.1, 0.01), "nabirds": (0.1, 0.01), "flowers": (0.001, 1e-4), "dogs": (0.001, 1e-4),
             "cars": (0.001, 1e-4)}
 
+# Adapter+: visinf/adapter_plus@191c4ab conf/config.yaml + conf/train/{default,optimizer/adamw}.yaml +
+# conf/data/base_data.yaml + conf/experiment/{vtab,fgvc}/adapter_plus_dim*.yaml: ONE recipe for every VTAB task and
+# FGVC set (only the bottleneck changes per dataset, method-internal): AdamW lr 1e-3, wd 1e-4 (modeling/adaptermodel.py
+# add_weight_decay: none on 1-D, biases, scalings), batch 64, 100 epochs, LinearWarmupCosineAnnealingLR warm-up 10
+# epochs from lr/lr_start_factor (100) = 1e-5 to eta_min lr/lr_factor (1000) = 1e-6, label smoothing 0, ViT drop
+# path 0.1, no clipping; VTAB: TFDS images resized to 224, no augmentation.
+ADAPTER_PLUS = "visinf/adapter_plus@191c4ab"
+
 # Methods with no published per-dataset recipe for VTAB-1k / FGVC: DoRA, VeRA, FourierFT get V-PETL's LoRA
 # values as an explicit fallback; the others get no recipe file at all (the runner falls back to the method's
 # defaults and logs it).
@@ -390,6 +398,11 @@ NO_RECIPE = {
     "lst": "vision recipe not published (specs/image_extra.md sec. 6)",
     "snf": "recipe not released (specs/image_extra.md sec. 7)",
     "last": "no official code read; V-PETL Bench ships only a placeholder",
+    "mona": "Leiyi-Hu/mona trains only Swin (COCO/ADE20K/VOC detection and segmentation; mmcls Swin-L on full "
+            "Oxford Flowers/Pets/VOC classification), no VTAB-1k/FGVC recipe",
+    "pissa": "GraphPKU/PiSSA publishes LLM recipes only (MetaMath, code, conversation), no vision recipe",
+    "svft": "VijayLingam95/SVFT vision runs train full-size CIFAR-100/Food-101/Flowers-102/RESISC45 (10 epochs, batch "
+            "64, head lr 4e-3, SVFT lr 5e-2/5e-3, wd 0.01), not VTAB-1k/FGVC",
 }
 
 
@@ -604,6 +617,29 @@ def other_recipes() -> dict[tuple[str, str], dict]:
                 epochs=100, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, no_decay_1d=nd,
                 warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, label_smoothing=0.0, drop_path=0.1, clip_grad=None),
                 train_aug=False)
+    ap_src = (f"{ADAPTER_PLUS} conf/train/default.yaml + optimizer/adamw.yaml + data/base_data.yaml (the same for every "
+              "dataset; experiment/*/adapter_plus_dim*.yaml change only the bottleneck): AdamW lr 1e-3, wd 1e-4 without "
+              "decay on 1-D/bias/scaling, batch 64, 100 epochs, warm-up 10 from lr/100, cosine to lr/1000, drop path 0.1")
+    ap_notes = ["Adapter+ reports the test accuracy after the last epoch (val_every_n_epoch 100), mean of seeds 18, 45, "
+                "25: eval.select=last matches",
+                "its LinearWarmupCosineAnnealingLR is stepped per epoch (ours per iteration); bf16 autocast (Lightning "
+                "precision bf16)",
+                "its checkpoint is timm vit_base_patch16_224.orig_in21k with that default_cfg's normalisation (mean/std "
+                "0.5); ours normalises with the ImageNet mean/std",
+                "the per-dataset bottleneck of the official dim1-32 tables is method.per_dataset=true (default dim 8)"]
+    for task in VTAB_TASKS:
+        out["adapter_plus", task] = _recipe(ap_src + "; VTAB: VPT's TFDS data resized to 224, no augmentation, trained on "
+                                            "trainval", ap_notes + ["the official VTAB data are VPT's TFDS tensors, not "
+                                                                    "the JPEG export"], _train(
+            epochs=100, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, no_decay_1d=True, warmup_epochs=10,
+            warmup_lr=1e-5, min_lr=1e-6, label_smoothing=0.0, drop_path=0.1, clip_grad=None), train_aug=False)
+    for ds in FGVC_SETS:
+        out["adapter_plus", ds] = _recipe(ap_src + "; FGVC: data/fgvc.py", ap_notes + [
+            "official FGVC training: timm RandomResizedCrop(224, scale 0.08-1, random interpolation) + flip, eval "
+            "Resize(256, bicubic) + CenterCrop(224) (ours: train Resize(256) + RandomCrop(224) + flip)",
+            "official FGVC trains on train+val (train_split trainval): dataset.roles.trainval=train+val"], _train(
+            epochs=100, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, no_decay_1d=True, warmup_epochs=10,
+            warmup_lr=1e-5, min_lr=1e-6, label_smoothing=0.0, drop_path=0.1, clip_grad=None))
     vpt_notes = ["VPT reports the last-epoch test accuracy averaged over 5 seeds (42, 44, 82, 100, 800): "
                  "eval.select=last matches", "VPT applies no weight decay to the final layer's bias only "
                  "(WEIGHT_DECAY_BIAS 0); here every trainable tensor is decayed", "VPT's head has dropout 0.1 "
