@@ -22,10 +22,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from bench.checks import check_override_keys
     from bench.cli import check_group_overrides, expand_group_globs
 
     sys.argv[1:] = expand_group_globs(sys.argv[1:])
-    problem = check_group_overrides(sys.argv[1:])
+    problem = check_group_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
