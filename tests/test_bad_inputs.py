@@ -198,6 +198,13 @@ def test_nan_loss_is_a_failed_record(tmp_path):
     assert "| lora" not in table
 
 
+def test_failed_job_does_not_stop_the_sweep(tmp_path):
+    out = bench_cli("-m", "train.lr=1e30,5e-3", "train.warmup_epochs=0", *TINY, "train.epochs=1",
+                    f"results.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert out.returncode != 0
+    assert sorted(r["status"] for r in load_records(tmp_path)) == ["failed", "ok"]
+
+
 # ----------------------------------------------------------------------------------------------
 # interrupted run: kill -9 mid-run, rerun the same command, same final metric
 # ----------------------------------------------------------------------------------------------
@@ -271,3 +278,64 @@ def test_parallel_sweep_with_joblib(tmp_path):
     recs = load_records(tmp_path)
     assert sorted(r["method"] for r in recs) == ["bitfit", "linear"]
     assert all(json.loads(Path(r["_path"]).read_text())["status"] == "ok" for r in recs)
+
+
+def test_image_cache_parallel_writers(tmp_path):
+    """Two writers decode the same split into the shared image cache at once: one complete cache remains
+    (write to a temp folder, then rename; the loser keeps the winner's), both read identical pixels."""
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from datasets.images import Item, cached_fixed
+
+    items = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(p)
+        items.append(Item(path=p, label=i, source=f"list line {i + 1}"))
+    barrier = threading.Barrier(2)
+
+    def decode(it):
+        time.sleep(0.01)  # both writers are inside the decode loop at the same time
+        return np.asarray(Image.open(it.path).convert("RGB")).transpose(2, 0, 1).copy()
+
+    out, errors = [None, None], []
+
+    def writer(k):
+        try:
+            barrier.wait()
+            out[k] = cached_fixed(items, {"t": "test"}, decode, (3, 8, 8), tmp_path / "cache", workers=1)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    (a, ia), (b, ib) = out
+    assert ia["key"] == ib["key"] and bool((a == b).all()) and int(a[3, 0, 0, 0]) == 90
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [ia["key"]]  # no temp folder left
+
+
+def test_shipped_recipes_set_only_known_keys():
+    """Recipes are checked like the command line: every key a recipe sets must exist in its yaml."""
+    from omegaconf import OmegaConf
+
+    from bench import CONF_DIR
+    from bench.checks import find_unknown, group_tree, top_tree
+
+    root = Path(CONF_DIR) / "recipe"
+    problems = []
+    for f in sorted(root.rglob("*.yaml")):
+        method, dataset = f.relative_to(root).parts[0], f.relative_to(root).with_suffix("").as_posix().split("/", 1)[1]
+        rec = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        trees = {**top_tree(), "method": group_tree("method", method), "dataset": group_tree("dataset", dataset)}
+        for k, v in rec.items():
+            if k == "recipe":
+                continue
+            msg = (f"unknown top-level key {k}" if k not in trees else find_unknown(v, trees[k], [k], str(f)))
+            if msg:
+                problems.append(f"{f}: {msg}")
+    assert not problems, problems[:5]
