@@ -14,10 +14,18 @@ from bench.cli import friendly_errors
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from bench.run import run
-
     overrides = list(HydraConfig.get().overrides.task)
     with friendly_errors():
+        from bench import checks
+
+        # keys, values and files first: a mistake costs no torch import, no model, no data
+        checks.check_keys(cfg)
+        if cfg.get("mode") == "train":
+            checks.check_values(cfg)
+            if not cfg.get("skip_done"):
+                checks.preflight(cfg)
+        from bench.run import run
+
         run(cfg, overrides)
 
 

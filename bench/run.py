@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import env, kinds
 from bench.imports import import_suite
+from bench.cli import RunFailed  # noqa: F401  (raised here; bench.run.RunFailed stays importable)
 from bench.engine import TrainingFailure
 from bench.metrics import count_params, ppt
 
@@ -70,14 +71,6 @@ def params_report(cfg: DictConfig) -> dict:
     counts = count_params(model, backbones.head_of(model))
     return {"method": method.name, "backbone": cfg.backbone.name, "trainable_params": counts["trainable_params"],
             "head_params": counts["head_params"], "total_params": counts["total_params"]}
-
-
-class RunFailed(RuntimeError):
-    """Training failed; the failed record is written (``record``). The CLI exits with status 3."""
-
-    def __init__(self, message: str, record: dict):
-        self.record = record
-        super().__init__(message)
 
 
 class RunInterrupted(KeyboardInterrupt):
