@@ -81,8 +81,8 @@ def restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where)
     params.update({f"buffer:{n}": b for n, b in model.named_buffers()})
     if set(params) != set(tensors):
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise run_state.ResumeError(f"cannot resume from {where}: trainable tensors differ (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]})")
+        raise run_state.ResumeError(f"cannot resume from {where}: trainable tensors differ (missing "
+                                    f"{missing[:3]}, unexpected {extra[:3]})")
     with torch.no_grad():
         for n, t in params.items():
             t.copy_(tensors[n].to(t.device))
@@ -163,9 +163,10 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     ck = state.load() if state is not None else None
     if ck is not None:
         if ck.get("fingerprint") != fingerprint:
-            raise run_state.ResumeError(f"cannot resume from {state.path}: the method's structure after prepare differs from "
-                             f"the checkpoint's (a non-deterministic prepare or changed code); delete {state.dir} "
-                             f"or run with resume=never")
+            raise run_state.ResumeError(
+                f"cannot resume from {state.path}: the method's structure after prepare differs from the "
+                f"checkpoint's (a non-deterministic prepare or changed code); delete {state.dir} or run with "
+                f"resume=never")
         restore_trainable(model, ck["tensors"], state.path)
         method.load_state_dict(ck.get("method") or {})
         opt.load_state_dict(ck["optimizer"])
