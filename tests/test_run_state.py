@@ -42,3 +42,42 @@ def test_second_holder_of_a_config_gets_a_private_folder(tmp_path):
     c = RunState(tmp_path, "abc", "run3")  # the lock is free again
     assert c.shared
     c.release(remove=True)
+
+
+TINY = ["backbone.checkpoint=null", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+        "train.epochs=2", "train.batch_size=32", "dataset.sizes.train=64", "dataset.sizes.val=32",
+        "dataset.sizes.test=64", "progress=false", "device=cpu"]
+
+
+def test_resume_of_a_data_dependent_method_under_best_val(tmp_path, monkeypatch):
+    """SPT (prepare re-runs from its cached sensitivity; the structure fingerprint matches) with
+    eval.select=best_val (the best epoch's tensors are in the checkpoint): interrupted after epoch 1,
+    resumed, same result as uninterrupted."""
+    import pytest
+
+    from bench import state as run_state
+    from bench.results import load_records
+    from bench.run import run
+
+    over = TINY + ["method=spt_lora", "method.budget=5k", "eval.select=best_val"]
+    ref = run(compose_cfg(over + [f"results.dir={tmp_path / 'ref'}"]), over)
+
+    saves = {"n": 0}
+    real_save = run_state.RunState.save
+
+    def save_then_die(self, ck):
+        path = real_save(self, ck)
+        saves["n"] += 1
+        raise KeyboardInterrupt  # as if killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(run_state.RunState, "save", save_then_die)
+    cut = over + [f"results.dir={tmp_path / 'cut'}"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(cut), cut)
+    assert saves["n"] == 1 and list((tmp_path / "cut" / "state").glob("*/last.pt"))
+    monkeypatch.setattr(run_state.RunState, "save", real_save)
+    rec = run(compose_cfg(cut), cut)
+    assert rec["resumed"]["from_epoch"] == 1 and rec["method_info"]["resume_prepare"]["sensitivity"] == "loaded"
+    assert rec["score"] == ref["score"] and rec["protocol"]["selected_epoch"] == ref["protocol"]["selected_epoch"]
+    assert [h["train_loss"] for h in rec["history"]] == [h["train_loss"] for h in ref["history"]]
+    assert len(load_records(tmp_path / "cut")) == 1
