@@ -14,18 +14,27 @@ from bench.cli import friendly_errors
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from bench.run import run
-
     overrides = list(HydraConfig.get().overrides.task)
     with friendly_errors():
+        from bench import checks
+
+        # keys, values and files first: a mistake costs no torch import, no model, no data
+        checks.check_keys(cfg)
+        if cfg.get("mode") == "train":
+            checks.check_values(cfg)
+            if not cfg.get("skip_done"):
+                checks.preflight(cfg)
+        from bench.run import run
+
         run(cfg, overrides)
 
 
 if __name__ == "__main__":
+    from bench.checks import check_override_keys
     from bench.cli import check_group_overrides, expand_group_globs
 
     sys.argv[1:] = expand_group_globs(sys.argv[1:])
-    problem = check_group_overrides(sys.argv[1:])
+    problem = check_group_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -21,14 +21,50 @@ def _expected() -> tuple[type, ...]:
     return base + (CheckpointError, MethodNotDefinedError, DataError)
 
 
+class RunFailed(RuntimeError):
+    """Training failed; the failed record is written (``record``). The CLI exits with status 3."""
+
+    def __init__(self, message: str, record: dict):
+        self.record = record
+        super().__init__(message)
+
+
+EXIT_BAD_INPUT = 2     # a config key/value, file or folder is wrong: nothing was trained, no record
+EXIT_RUN_FAILED = 3    # training failed (non-finite loss, out of memory, exception): a failed record was written
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: no record; the epoch checkpoint stays, the same command resumes
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @contextlib.contextmanager
 def friendly_errors():
+    """Expected errors become one ``error: ...`` line on stderr (its last line) and an exit status.
+
+    In a multirun a failed training run (its record written) is re-raised as an ordinary exception so that
+    Hydra goes on with the other jobs and the sweep still exits non-zero at the end."""
     try:
         yield
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        if _multirun():
+            raise
+        raise SystemExit(EXIT_RUN_FAILED) from None
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:  # noqa: BLE001
-        if isinstance(e, ShadowedPackageError) or isinstance(e, _expected()):
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+        if isinstance(e, (ShadowedPackageError, UnknownEntryError, FileNotFoundError, ValueError)) \
+                or isinstance(e, _expected()):
+            msg = " ".join(str(e).split("\n")) if isinstance(e, ValueError) else str(e)
+            print(f"error: {msg}", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT) from None
         raise
 
 

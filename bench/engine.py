@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import resource
 import time
 from typing import Callable, Optional
@@ -20,12 +21,35 @@ from torch import nn
 from tqdm import tqdm
 
 from bench import kinds
+from bench import state as run_state
 from bench.optim import build_optimizer, build_scheduler, default_param_groups
 from datasets.base import Task, make_loader
 
 log = logging.getLogger(__name__)
 
 SELECT = ("last", "best_val", "best_test")
+
+
+class TrainingFailure(RuntimeError):
+    """Training stopped: a non-finite loss, out of memory or an exception. ``info`` goes into the failed
+    record: ``reason`` (``non_finite_loss`` | ``out_of_memory`` | ``exception``), ``message``, ``epoch`` and
+    ``step`` (the 1-based global iteration that failed)."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        super().__init__(info["message"])
+
+
+def _bad_input(e: BaseException) -> bool:
+    from bench.checks import ConfigError
+    from bench.cli import _expected
+
+    return isinstance(e, ConfigError) or isinstance(e, tuple(t for t in _expected() if t is not ValueError))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def autocast_factory(device: torch.device, amp: Optional[str]) -> Optional[Callable]:
@@ -45,6 +69,25 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a resume needs of the model: trainable tensors and buffers, never the frozen weights."""
+    out = {f"param:{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({f"buffer:{n}": b.detach().cpu().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+    params = {f"param:{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    params.update({f"buffer:{n}": b for n, b in model.named_buffers()})
+    if set(params) != set(tensors):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise run_state.ResumeError(f"cannot resume from {where}: trainable tensors differ (missing "
+                                    f"{missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for n, t in params.items():
+            t.copy_(tensors[n].to(t.device))
+
+
 def protocol_splits(select: str) -> tuple[str, Optional[str]]:
     """(training role, selection role) of a protocol."""
     if select not in SELECT:
@@ -52,7 +95,29 @@ def protocol_splits(select: str) -> tuple[str, Optional[str]]:
     return ("train", "val") if select == "best_val" else ("trainval", "test" if select == "best_test" else None)
 
 
-def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.device, logger=None) -> dict:
+def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.device, logger=None,
+                       state: Optional["run_state.RunState"] = None) -> dict:
+    """Train and evaluate; with ``state`` (a ``bench.state.RunState``) checkpoint at the end of every epoch
+    and continue from its ``last.pt`` when one exists. Failures during training raise ``TrainingFailure``."""
+    progress = {"epoch": None, "step": 0, "phase": "prepare"}
+    try:
+        return _train_and_evaluate(model, method, task, cfg, device, logger, state, progress)
+    except (TrainingFailure, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001
+        if _bad_input(e):  # a data/file/config problem found while reading batches: one line, exit 2, no record
+            raise
+        oom = _is_oom(e)
+        where = f" at step {progress['step'] + 1} (epoch {progress['epoch']})" if progress["epoch"] is not None \
+            else f" during {progress['phase']}"
+        raise TrainingFailure({
+            "reason": "out_of_memory" if oom else "exception", "type": type(e).__name__,
+            "message": f"{'out of memory' if oom else type(e).__name__}{where}: {e}".splitlines()[0][:500],
+            "epoch": progress["epoch"], "step": progress["step"] + 1 if progress["epoch"] is not None else None,
+            "phase": progress["phase"]}) from e
+
+
+def _train_and_evaluate(model, method, task, cfg, device, logger, state, progress) -> dict:
     tcfg, ecfg = cfg.train, cfg.eval
     select = str(ecfg.select)
     train_role, select_role = protocol_splits(select)
@@ -79,6 +144,8 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         prep_info = dict(method.prepare(model, prep_loader, loss_fn) or {})
         prep_info["prepare_s"] = time.perf_counter() - t0
         model.to(device)
+    progress["phase"] = "setup"
+    fingerprint = run_state.structure_fingerprint(model)
 
     lr, wd = float(tcfg.lr), float(tcfg.weight_decay)
     groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)))
@@ -91,17 +158,49 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history, best = [], {"score": -1.0, "epoch": -1, "state": None}
-    step, seen, train_time = 0, 0, 0.0
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{method.name}/{task.name}", unit="it",
+    step, seen, train_time, start_epoch = 0, 0, 0.0, 0
+    resumed = None
+    ck = state.load() if state is not None else None
+    if ck is not None:
+        if ck.get("fingerprint") != fingerprint:
+            raise run_state.ResumeError(
+                f"cannot resume from {state.path}: the method's structure after prepare differs from the "
+                f"checkpoint's (a non-deterministic prepare or changed code); delete {state.dir} or run with "
+                f"resume=never")
+        restore_trainable(model, ck["tensors"], state.path)
+        method.load_state_dict(ck.get("method") or {})
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        train_loader.generator.set_state(ck["loader_rng"])
+        run_state.set_rng_state(ck["rng"])
+        c = ck["counters"]
+        step, seen, train_time, history = c["step"], c["seen"], c["train_time"], c["history"]
+        best = {**c["best"], "state": ck.get("best_state")}
+        start_epoch = c["epoch"] + 1
+        prep_info = {**ck.get("prepare", {}), "resume_prepare": prep_info}
+        resumed = {"from_epoch": start_epoch, "count": int(c.get("resumed", 0)) + 1, "checkpoint": str(state.path)}
+        log.info("resuming from %s: %d of %d epochs done", state.path, start_epoch, epochs)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+               desc=f"{method.name}/{task.name}", unit="it",
                disable=not cfg.get("progress", True), leave=False, mininterval=2.0)
-    for epoch in range(epochs):
+    ck_bytes = None
+    for epoch in range(start_epoch, epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum, n_batches = 0.0, 0
+        progress.update(epoch=epoch, phase="train")
         for batch in train_loader:
+            progress["step"] = step
             batch = kind.to_device(batch, device)
             with autocast() if autocast else contextlib.nullcontext():
                 loss = kind.train_loss(model, batch, loss_fn, method)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingFailure({
+                    "reason": "non_finite_loss", "type": "NonFiniteLoss", "value": str(loss_value),
+                    "message": f"loss is {loss_value} at step {step + 1} (epoch {epoch}): lower train.lr, set "
+                               f"train.clip_grad or check the data", "epoch": epoch, "step": step + 1,
+                    "phase": "train"})
             opt.zero_grad(set_to_none=True)
             method.before_backward(model, loss)
             loss.backward()
@@ -114,7 +213,7 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
             step += 1
             sched.step_update(step)
             seen += kind.batch_size(batch)
-            loss_sum += loss.item()
+            loss_sum += loss_value
             n_batches += 1
             bar.update(1)
         if device.type == "cuda":
@@ -123,6 +222,7 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         bar.set_postfix(loss=f"{loss_sum / max(n_batches, 1):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
         entry = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": opt.param_groups[0]["lr"]}
         last_epoch = epoch == epochs - 1
+        progress["phase"] = "evaluate"
         if select_loader is not None and ((epoch + 1) % every == 0 or last_epoch):
             res = evaluate(select_loader)
             entry[f"{select_role}_{metric}"] = res[metric]
@@ -133,7 +233,19 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         if logger is not None:
             logger.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
         log.info("epoch %d/%d %s", epoch + 1, epochs, {k: round(v, 5) for k, v in entry.items() if k != "epoch"})
+        if state is not None:
+            progress["phase"] = "checkpoint"
+            state.save({
+                "tensors": checkpoint_tensors(model), "method": method.state_dict(), "fingerprint": fingerprint,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": run_state.rng_state(),
+                "loader_rng": train_loader.generator.get_state(), "prepare": prep_info,
+                "best_state": best.get("state"),
+                "counters": {"epoch": epoch, "step": step, "seen": seen, "train_time": train_time,
+                             "history": history, "best": {k: v for k, v in best.items() if k != "state"},
+                             "resumed": (resumed or {}).get("count", 0)}})
+            ck_bytes = state.path.stat().st_size
     bar.close()
+    progress.update(epoch=None, phase="test")
 
     if select == "best_val" and best["state"] is not None:
         with torch.no_grad():
@@ -160,6 +272,8 @@ def train_and_evaluate(model: nn.Module, method, task: Task, cfg, device: torch.
         "peak_mem_mb": mem,
         "peak_mem_kind": mem_kind,
         "prepare": prep_info,
+        "resumed": resumed,
+        "checkpoint_bytes": ck_bytes,
         "splits": {"train": task.roles[train_role], "select": task.roles.get(select_role) if select_role else None,
                    "test": task.roles["test"]},
     }

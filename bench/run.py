@@ -1,8 +1,10 @@
 """One job: compose backbone × method × dataset, train, evaluate, write the record."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -12,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import env, kinds
 from bench.imports import import_suite
+from bench.cli import RunFailed  # noqa: F401  (raised here; bench.run.RunFailed stays importable)
+from bench.engine import TrainingFailure
 from bench.metrics import count_params, ppt
 
 log = logging.getLogger("bench")
@@ -69,8 +73,15 @@ def params_report(cfg: DictConfig) -> dict:
             "head_params": counts["head_params"], "total_params": counts["total_params"]}
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during training: no record; the epoch checkpoint stays for the next run to resume."""
+
+
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    from bench import checks
+
     import_suite()
+    checks.check_keys(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if cfg.mode == "params":
@@ -82,16 +93,81 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     return train_job(cfg, overrides or [])
 
 
+def find_done(results_dir, chash: str) -> dict | None:
+    """The newest ``status: ok`` record with config hash ``chash`` under ``results_dir``, or None."""
+    from pathlib import Path
+
+    needle = f'"config_hash": "{chash}"'
+    best = None
+    for p in (Path(results_dir) / "runs").rglob("*.json"):
+        try:
+            text = p.read_text()
+        except OSError:
+            continue
+        if needle not in text:
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("config_hash") == chash and rec.get("status") == "ok":
+            if best is None or (rec.get("created", ""), rec.get("run_id", "")) > (best.get("created", ""), best.get("run_id", "")):
+                best = {**rec, "_path": str(p)}
+    return best
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Pre-emption sends SIGTERM: stop like Ctrl-C (the last epoch checkpoint stays for resume)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunInterrupted(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def preflight_build(cfg: DictConfig) -> None:
+    """Method × backbone support and budgets, on the meta device (no weights, no data, no RNG moved)."""
+    from bench import checks
+    from bench.state import preserved_rng
+
+    with preserved_rng():
+        _, method = build_model(cfg, device="meta")
+    checks.check_budget(method)
+
+
 def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     import backbones
     import datasets
+    from bench import checks
     from bench.engine import train_and_evaluate
     from bench.loggers import build_logger
     from bench.results import write_record
+    from bench.state import RunState, config_hash
 
     t_start = time.perf_counter()
+    checks.check_values(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash(resolved)
+    if cfg.get("skip_done"):
+        done = find_done(cfg.results.dir, chash)
+        if done is not None:
+            print(f"[skip] config {chash} already done: {done['_path']}")
+            return {**done, "skipped": True}
+    checks.preflight(cfg)
     device = env.resolve_device(str(cfg.device))
     seed_everything(int(cfg.seed))
+    preflight_build(cfg)
     b = cfg.backbone
     kinds.get(str(cfg.dataset.get("kind", "image_cls"))).check_backbone(str(b.family), b.name, cfg.dataset.name)
     task = datasets.build(cfg.dataset, image_size=int(b.img_size), mean=list(b.mean), std=list(b.std))
@@ -101,7 +177,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     model, method = build_model(cfg, device="cpu")
     counts = count_params(model, backbones.head_of(model))
     variant = method_variant(overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_name = f"{method.name}{'[' + variant + ']' if variant else ''}/{task.name}/{b.name}/seed{cfg.seed}"
     logger = build_logger(cfg.get("logger", "none"), resolved, run_name)
     log.info("run %s on %s: %d trainable params (+%d head)", run_name, device, counts["trainable_params"], counts["head_params"])
@@ -111,21 +187,40 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     else:
         log.warning("no recipe for method %s on dataset %s (no conf/recipe/%s/%s.yaml): using the method's "
                     "defaults", method.name, task.name, method.name, task.name)
-    out = train_and_evaluate(model, method, task, cfg, device, logger)
+    state = RunState(cfg.results.dir, chash, run_id, resume=str(cfg.get("resume", "auto")) == "auto")
+    base = {
+        "schema": 1, "run_id": run_id, "config_hash": chash, "benchmark": task.benchmark, "dataset": task.name,
+        "backbone": b.name, "method": method.name, "variant": variant, "seed": int(cfg.seed),
+        "kind": getattr(task, "kind", "image_cls"),
+    }
+    try:
+        with sigterm_as_interrupt():
+            out = train_and_evaluate(model, method, task, cfg, device, logger, state=state)
+    except KeyboardInterrupt:
+        state.release(remove=not state.shared)
+        where = f"{state.path} (rerun the same command to resume)" if state.path.exists() and state.shared else \
+            "no checkpoint yet"
+        print(f"error: interrupted; {where}", file=sys.stderr)
+        raise
+    except TrainingFailure as e:
+        info = e.info
+        rec = {**base, "status": "failed", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "failure": info, "metric": None, "score": None,
+               **count_params(model, backbones.head_of(model)),
+               "protocol": {"select": str(cfg.eval.select), "test_selected": str(cfg.eval.select) == "best_test"},
+               "perf": {"wall_s": time.perf_counter() - t_start},
+               "env": {"versions": env.versions(), "git": env.git_state(), "device": env.device_info(device)},
+               "overrides": list(overrides), "config": resolved}
+        path = write_record(cfg.results.dir, rec)
+        state.release(remove=not state.shared)  # the shared last.pt stays: a fixed re-run resumes from it
+        log.error("run %s failed: %s", run_name, info["message"])
+        raise RunFailed(f"run failed: {info['message']} (record {path})", {**rec, "_path": str(path)}) from e
     metric, score = out["metric"], out["score"]
     counts = count_params(model, backbones.head_of(model))  # after prepare (data-dependent methods)
     rec = {
-        "schema": 1,
+        **base,
         "status": "ok",
-        "run_id": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "benchmark": task.benchmark,
-        "dataset": task.name,
-        "backbone": b.name,
-        "method": method.name,
-        "variant": variant,
-        "seed": int(cfg.seed),
-        "kind": getattr(task, "kind", "image_cls"),
         "metric": metric,
         "score": score,
         "metrics": out["metrics"],
@@ -155,6 +250,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
                  "wall_s": time.perf_counter() - t_start, "steps": out["steps"]},
         "recipe": resolved.get("recipe"),
         "method_info": out["prepare"],
+        "resumed": out["resumed"],
+        "checkpoint_bytes": out["checkpoint_bytes"],
         "history": out["history"],
         "env": {"versions": env.versions(), "git": env.git_state(), "device": env.device_info(device)},
         "task_info": task.info,
@@ -162,6 +259,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         "config": resolved,
     }
     path = write_record(cfg.results.dir, rec)
+    state.release(remove=True)
     logger.finish({metric: score, "ppt": rec["ppt"]})
     rec["_path"] = str(path)
     print(f"[{run_name}] {metric} {score:.2f}% | trained params {counts['trainable_params']:,} (+{counts['head_params']:,} head) "

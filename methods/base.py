@@ -6,6 +6,7 @@
    the total), ``before_backward(model, loss)``, ``after_backward(model)``,
    ``before_step(model, optimizer)``, ``after_step(model, optimizer)``;
 4. ``param_groups(model, lr, weight_decay)`` (per-parameter lr/wd; None = the engine's default);
+   on resume the runner re-runs 1 and 2, then restores tensors, optimiser and ``load_state_dict``;
 5. ``merge(model)`` (re-parameterisable methods) folds the method into plain backbone weights.
 """
 from __future__ import annotations
@@ -82,6 +83,17 @@ class Method:
         pass
 
     def after_step(self, model: nn.Module, optimizer) -> None:
+        pass
+
+    # -- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Method state that is not a tensor of the model (e.g. a step counter of a schedule inside the
+        method), saved in every epoch checkpoint. Tensors (trainable ones and buffers, such as a data-dependent
+        selection's masks) are saved by the engine; ``prepare`` re-runs on resume and must rebuild the same
+        structure (checked). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
         pass
 
     # -- 4. optimisation groups -------------------------------------------------------------

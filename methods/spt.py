@@ -710,7 +710,12 @@ class _SPT(Method):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             scores, images, status = saved["scores"], saved.get("images"), "loaded"
         else:
-            scores, images = compute_sensitivity(model, self.entries, train_loader, self.batches)
+            # the pass draws dropout/drop-path masks: keep the global RNGs where a cache hit leaves them, so
+            # a run that computes the sensitivity and one that loads it train identically (and resume exactly)
+            from bench.state import preserved_rng
+
+            with preserved_rng():
+                scores, images = compute_sensitivity(model, self.entries, train_loader, self.batches)
             status = "computed"
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
