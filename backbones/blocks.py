@@ -79,6 +79,31 @@ def run_branch(
     return out
 
 
+WINDOW_EXTENSION_KEYS = ("attn_before", "attn_after", "attn_parallel", "mid", "mlp_before", "mlp_after",
+                         "mlp_parallel", "mlp_inner", "out")
+
+
+def window_block_forward(block: nn.Module, x: torch.Tensor, attn: Callable[[torch.Tensor], torch.Tensor],
+                         drop1: Callable, drop2: Callable) -> torch.Tensor:
+    """A windowed (Swin-type) block with extensions, on a channels-last map x (B, ..., C).
+
+    Every extension sees the tokens as a (B, N, C) sequence; ``attn`` maps the normed map (same shape as x)
+    to the attention output. Shared by the 2-D Swin (timm) and the Video Swin (torchvision) blocks.
+    """
+    ext, shape = block.petl, x.shape
+    seq = x.reshape(shape[0], -1, shape[-1])
+    h = block.norm1(x).reshape(seq.shape)
+    y = _apply_all(ext, "attn_before", h)
+    y = attn(y.reshape(shape)).reshape(seq.shape)
+    y = _apply_all(ext, "attn_after", y)
+    out = seq + drop1(y)
+    for m in ext["attn_parallel"] if "attn_parallel" in ext else ():
+        out = out + m(seq, h)
+    out = _apply_all(ext, "mid", out)
+    out = run_branch(out, block.norm2, block.mlp, drop2, ext, "mlp")
+    return _apply_all(ext, "out", out).reshape(shape)
+
+
 def _apply_all(ext: nn.ModuleDict, key: str, x: torch.Tensor) -> torch.Tensor:
     for m in ext[key] if key in ext else ():
         x = m(x)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, checkpoint_filter_fn
 
-from backbones.blocks import _apply_all, run_branch
+from backbones.blocks import WINDOW_EXTENSION_KEYS, window_block_forward
 from backbones.checkpoint import check_keys, load_checkpoint
 from bench.registry import BACKBONES
 
@@ -30,26 +30,12 @@ class AdaptableSwinBlock(SwinTransformerBlock):
     (``adaptable_swin_block``), so timm builds the blocks exactly as it would.
     """
 
-    extension_keys = ("attn_before", "attn_after", "attn_parallel", "mid", "mlp_before", "mlp_after",
-                      "mlp_parallel", "mlp_inner", "out")
+    extension_keys = WINDOW_EXTENSION_KEYS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = self.petl
-        if len(ext) == 0:
+        if len(self.petl) == 0:
             return super().forward(x)
-        B, H, W, C = x.shape
-        seq = x.reshape(B, H * W, C)
-        h = self.norm1(x).reshape(B, H * W, C)
-        y = _apply_all(ext, "attn_before", h)
-        y = self._attn(y.reshape(B, H, W, C)).reshape(B, H * W, C)
-        y = _apply_all(ext, "attn_after", y)
-        out = seq + self.drop_path1(y)
-        for m in ext["attn_parallel"] if "attn_parallel" in ext else ():
-            out = out + m(seq, h)
-        out = _apply_all(ext, "mid", out)
-        out = run_branch(out, self.norm2, self.mlp, self.drop_path2, ext, "mlp")
-        out = _apply_all(ext, "out", out)
-        return out.reshape(B, H, W, C)
+        return window_block_forward(self, x, self._attn, self.drop_path1, self.drop_path2)
 
 
 def adaptable_swin_block(block: SwinTransformerBlock) -> AdaptableSwinBlock:

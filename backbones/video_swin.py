@@ -43,7 +43,7 @@ from torchvision.models.video.swin_transformer import (
 )
 from torchvision.models.swin_transformer import SwinTransformerBlock
 
-from backbones.blocks import _apply_all, run_branch
+from backbones.blocks import WINDOW_EXTENSION_KEYS, window_block_forward
 from backbones.checkpoint import check_keys, load_checkpoint
 from bench.registry import BACKBONES
 
@@ -97,25 +97,12 @@ class AdaptableVideoSwinBlock(SwinTransformerBlock):
     """torchvision's Swin block (x: B, T, H, W, C) plus the extension points of ``backbones.blocks`` except
     ``tokens``; extensions see (B, T·H·W, C). The block's ``stochastic_depth`` is the drop-path."""
 
-    extension_keys = ("attn_before", "attn_after", "attn_parallel", "mid", "mlp_before", "mlp_after",
-                      "mlp_parallel", "mlp_inner", "out")
+    extension_keys = WINDOW_EXTENSION_KEYS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = self.petl
-        if len(ext) == 0:
+        if len(self.petl) == 0:
             return super().forward(x)
-        shape = x.shape
-        seq = x.reshape(shape[0], -1, shape[-1])
-        h = self.norm1(x).reshape(seq.shape)
-        y = _apply_all(ext, "attn_before", h)
-        y = self.attn(y.reshape(shape)).reshape(seq.shape)
-        y = _apply_all(ext, "attn_after", y)
-        out = seq + self.stochastic_depth(y)
-        for m in ext["attn_parallel"] if "attn_parallel" in ext else ():
-            out = out + m(seq, h)
-        out = _apply_all(ext, "mid", out)
-        out = run_branch(out, self.norm2, self.mlp, self.stochastic_depth, ext, "mlp")
-        return _apply_all(ext, "out", out).reshape(shape)
+        return window_block_forward(self, x, self.attn, self.stochastic_depth, self.stochastic_depth)
 
 
 class VideoSwin(SwinTransformer3d):
