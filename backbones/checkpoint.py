@@ -225,11 +225,13 @@ def load_checkpoint(
     head_prefixes: tuple[str, ...] = ("head.",),
     prepare: Optional[Callable[[StateDict], StateDict]] = None,
     allow_npz: bool = False,
+    allow_missing: tuple[str, ...] = (),
 ) -> None:
     """Load ``path`` into ``model`` (see the module docstring for the formats and the steps).
 
     ``prepare`` runs before timm's ``filter_fn``; ``head_prefixes`` are dropped from the file and not
-    required from it (the task head stays at its initialisation); ``allow_npz`` for the ViT family.
+    required from it (the task head stays at its initialisation); ``allow_npz`` for the ViT family;
+    ``allow_missing``: model key prefixes the file may lack (new modules, e.g. Swin-Det's ``norm{i}``).
     """
     fmt = detect_format(path)
     if fmt == "npz":
@@ -248,5 +250,5 @@ def load_checkpoint(
             except Exception as e:  # timm's converters index the model by the file's keys: a foreign file
                 log.debug("timm filter failed on %s (%s: %s); fitting the raw keys", path, type(e).__name__, e)
     sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
-    fit_state_dict(model, sd, str(path), backbone, skip=lambda k: k.startswith(head_prefixes) or _petl_key(k),
+    fit_state_dict(model, sd, str(path), backbone, skip=lambda k: k.startswith(head_prefixes) or k.startswith(allow_missing) or _petl_key(k),
                    layout=layout)

@@ -131,7 +131,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     def evaluate(loader):
         return kind.evaluate(model, loader, device, autocast, max_batch=eval_bs)
 
-    kind = kinds.get(getattr(task, "kind", "image_cls"))
+    kind = kinds.get(getattr(task, "kind", "image_cls")).for_task(task)
     metric = kind.metric
     loss_fn = kind.loss_fn(tcfg)
     model.to(device)
@@ -154,6 +154,9 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     sched = build_scheduler(opt, tcfg, steps_per_epoch)
     clip = tcfg.get("clip_grad")
     epochs, every = int(tcfg.epochs), max(1, int(ecfg.get("every", 1)))
+    max_steps = int(tcfg.get("max_steps") or 0)  # an iteration budget (dense recipes): stop after this many steps
+    if max_steps:
+        epochs = min(epochs, -(-max_steps // max(1, steps_per_epoch)))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -216,6 +219,8 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
             loss_sum += loss_value
             n_batches += 1
             bar.update(1)
+            if max_steps and step >= max_steps:
+                break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0

@@ -32,7 +32,37 @@ def build_optimizer(groups: list[dict], train_cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer train.optimizer={name}; choose adamw or sgd")
 
 
-def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int) -> Optional[CosineLRScheduler]:
+class StepwiseLR:
+    """Linear warm-up then ``step`` (×0.1 after each milestone epoch) or ``poly`` ((1 - t/T)^power down to
+    ``min_lr``), set per iteration like the cosine (``step_update(step)``); mmdet/mmseg's schedules."""
+
+    def __init__(self, opt, kind: str, total: int, warmup: int, warmup_lr: float, min_lr: float,
+                 milestones: list[int], power: float):
+        self.opt, self.kind, self.total, self.warmup = opt, kind, total, warmup
+        self.warmup_lr, self.min_lr, self.milestones, self.power = warmup_lr, min_lr, milestones, power
+        self.base = [g["lr"] for g in opt.param_groups]
+        self.step_update(0)
+
+    def _lr(self, base: float, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_lr + (base - self.warmup_lr) * step / self.warmup
+        if self.kind == "step":
+            return base * 0.1 ** sum(step >= m for m in self.milestones)
+        frac = min(1.0, step / self.total)
+        return (base - self.min_lr) * (1 - frac) ** self.power + self.min_lr
+
+    def step_update(self, step: int) -> None:
+        for g, base in zip(self.opt.param_groups, self.base):
+            g["lr"] = self._lr(base, step)
+
+    def state_dict(self) -> dict:
+        return {"base": self.base}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = list(state["base"])
+
+
+def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int):
     """timm cosine with linear warm-up, stepped per iteration (``step_update(step)``).
 
     Warm-up rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then the cosine runs from
@@ -43,6 +73,16 @@ def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int)
     total = max(1, int(train_cfg["epochs"]) * steps_per_epoch)
     warmup = int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
     warmup = min(warmup, total - 1) if warmup > 0 else 0
+    kind = str(train_cfg.get("schedule", "cosine") or "cosine")
+    if train_cfg.get("max_steps"):
+        total = min(total, int(train_cfg["max_steps"]))
+    if kind in ("step", "poly"):
+        return StepwiseLR(opt, kind, total, warmup, float(train_cfg.get("warmup_lr", 1e-6)),
+                          float(train_cfg.get("min_lr", 0.0)),
+                          [int(round(float(m) * steps_per_epoch)) for m in (train_cfg.get("milestones") or [])],
+                          float(train_cfg.get("poly_power", 1.0)))
+    if kind != "cosine":
+        raise ValueError(f"unknown train.schedule={kind}; choose cosine, step or poly")
     return CosineLRScheduler(
         opt,
         t_initial=total - warmup,

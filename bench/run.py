@@ -58,9 +58,13 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
         "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "checkpoint": cfg.backbone.get("checkpoint"),
         "seed": int(cfg.seed), "cache_dir": cfg.get("cache_dir"), "num_classes": int(cfg.dataset.num_classes),
     }
-    model = backbones.build(cfg.backbone, num_classes=int(cfg.dataset.num_classes),
-                            drop_path=float(cfg.train.get("drop_path", 0.0)), device=device)
+    kind = kinds.get(str(cfg.dataset.get("kind", "image_cls")))
+    kind.check_backbone(str(cfg.backbone.family), cfg.backbone.name, cfg.dataset.name)
+    model = kind.build_model(cfg, device)  # classification: the backbone; dense: Swin-Det + the decoder as head
     method.apply(model)
+    after = getattr(model, "petl_after_apply", None)  # e.g. the VOC recipe's frozen patch embedding
+    if after is not None:
+        after(model)
     return model, method
 
 
@@ -237,10 +241,11 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "select_score": out["select_score"],
             "image_size": task.image_size,
             "views": out["eval_views"],  # views averaged per test example (video: temporal x spatial)
-            **kinds.get(getattr(task, "kind", "image_cls")).protocol(task),
+            **kinds.get(getattr(task, "kind", "image_cls")).for_task(task).protocol(task),
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
             "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
-            "schedule": {k: resolved["train"].get(k) for k in ("epochs", "warmup_epochs", "warmup_lr", "min_lr")},
+            "schedule": {k: resolved["train"].get(k) for k in ("epochs", "warmup_epochs", "warmup_lr", "min_lr",
+                                                                     "schedule", "milestones", "max_steps")},
             "batch_size": int(cfg.train.batch_size),
             "label_smoothing": float(cfg.train.label_smoothing),
             "drop_path": effective_drop_path(model),

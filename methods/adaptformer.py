@@ -1,4 +1,4 @@
-"""AdaptFormer (Chen et al., NeurIPS 2022; official code ShoufaChen/AdaptFormer ``models/adapter.py``).
+"""AdaptFormer (Chen et al., NeurIPS 2022; dense flavour of Leiyi-Hu/mona at the end of this docstring; official code ShoufaChen/AdaptFormer ``models/adapter.py``).
 
 A bottleneck in parallel with every block's MLP: a = s·up(drop(ReLU(down(x)))) on the residual-stream
 input x of the MLP branch (what LN2 sees, not LN2's output); x ← x + DP(mlp(LN2(x))) + a (the adapter
@@ -17,6 +17,12 @@ dropout 0 (V-PETL's ``--drop``).
 ``layernorm: in`` adds the official optional input LayerNorm (eps 1e-5, trainable) → 175,200, which
 is what V-PETL Bench's AdaptFormer trains (it also uses scale 1.0 and, because timm re-initialises
 every Linear, a non-zero up-projection; its README's 0.16M is the count without the LayerNorm).
+
+Dense (the dense datasets' ``method_defaults``; Leiyi-Hu/mona ``swin_transformer_adaptformer``): one adapter per
+block parallel to the FFN on the residual stream before LN2, outside the drop-path, bottleneck 64, GELU,
+dropout 0.1, scale 0.1, trunc-normal up-projection (``init: trunc_normal``): Swin-B 1,553,664, Swin-L 2,329,728.
+The anchors' README prints 3.11/4.66 M, the count of two such modules per block (the Adapter's); we follow
+the code.
 """
 from methods.base import Method, register
 from methods.blocks.adapter import Bottleneck, ParallelAdapter
@@ -32,7 +38,7 @@ def inject_adaptformer(method: Method, sites) -> None:
     for b in sites:
         f = Bottleneck(b.dim, hidden, act=method.get("act", "relu"), scale=scale,
                        layernorm="in" if ln == "in" else None, dropout=float(method.get("dropout", 0.1)),
-                       device=b.norm2.weight.device)
+                       init=method.get("init", "zero"), device=b.norm2.weight.device)
         b.extend("mlp_inner" if inside else "mlp_parallel", ParallelAdapter(f, source="normed" if inside else "residual"))
 
 
@@ -43,4 +49,5 @@ class AdaptFormer(Method):
     identity_at_init = True
 
     def inject(self, model, sites):
+        self.identity_at_init = self.get("init", "zero") == "zero"
         inject_adaptformer(self, sites)

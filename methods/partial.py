@@ -10,7 +10,7 @@ from methods.base import Method, register, unfreeze
 
 @register("partial")
 class Partial(Method):
-    families = ("vit", "video_vit", "video_swin")
+    families = ("vit", "swin", "video_vit", "video_swin")
     mergeable = True
 
     def inject(self, model, sites):

@@ -10,10 +10,12 @@ module here plus ``register``; nothing in the engine changes.
 * ``video_cls``: clips [B, 3, T, H, W] for training; evaluation batches carry every view of a video,
   [B, V, 3, T, H, W]: logits are averaged over the V views (the anchors' raw-logit averaging), then
   ``top1``/``top5``.
+* ``detection`` / ``segmentation`` (``bench.kinds.dense``): a Swin-Det backbone with the dataset's decoder as
+  its head; COCO box/mask AP or VOC07 mAP@0.5; mIoU.
 """
 from __future__ import annotations
 
 from bench.kinds.base import TaskKind, get, names, register
-from bench.kinds import classification  # noqa: F401  (registers image_cls and video_cls)
+from bench.kinds import classification, dense  # noqa: F401  (register image_cls, video_cls, detection, segmentation)
 
 __all__ = ["TaskKind", "get", "names", "register"]

@@ -46,6 +46,17 @@ class TaskKind:
             raise ValueError(f"dataset '{dataset}' is a {self.name} task, which backbone '{backbone}' (family "
                              f"{family}) cannot take: pick a backbone of family {' or '.join(self.families)}")
 
+    def for_task(self, task) -> "TaskKind":
+        """This kind configured for one task (e.g. detection: the dataset's evaluator decides the metric)."""
+        return self
+
+    def build_model(self, cfg, device):
+        """Backbone (+ task head) for this kind; classification: the backbone with its classifier."""
+        import backbones
+
+        return backbones.build(cfg.backbone, num_classes=int(cfg.dataset.num_classes),
+                               drop_path=float(cfg.train.get("drop_path", 0.0)), device=device)
+
     def protocol(self, task) -> dict:
         """Facts about the evaluation protocol for the record (e.g. video views)."""
         return {}

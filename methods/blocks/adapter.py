@@ -14,12 +14,13 @@ class Bottleneck(nn.Module):
     """f(x) = scale · up(drop(act(down(LN?(x))))), up initialised to zero so f = 0 at init.
 
     ``layernorm='in'`` puts a LayerNorm on the input (AdaptFormer's option); down uses PyTorch's
-    default Linear init (kaiming-uniform a=√5) with zero bias.
+    default Linear init (kaiming-uniform a=√5) with zero bias. ``init='trunc_normal'``: both projections
+    trunc-normal(std .02), biases 0 (the dense anchors' Swin init; not identity at step 0).
     """
 
     def __init__(self, dim: int, hidden: int, act: Optional[str] = "gelu", bias: bool = True,
                  scale: float = 1.0, layernorm: Optional[str] = None, dropout: float = 0.0,
-                 out_dim: Optional[int] = None, device=None):
+                 out_dim: Optional[int] = None, init: str = "zero", device=None):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown adapter activation '{act}'; known: gelu, relu, identity")
@@ -29,9 +30,15 @@ class Bottleneck(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = nn.Linear(hidden, out_dim or dim, bias=bias, device=device)
         self.scale = scale
+        if init not in ("zero", "trunc_normal"):
+            raise ValueError(f"unknown adapter init '{init}'; choose zero or trunc_normal")
         if self.down.weight.device.type != "meta":
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up.weight)
+            if init == "trunc_normal":  # the dense anchors: the backbone's init (trunc-normal .02) on every Linear
+                nn.init.trunc_normal_(self.down.weight, std=0.02)
+                nn.init.trunc_normal_(self.up.weight, std=0.02)
+            else:
+                nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.up.weight)
             if bias:
                 nn.init.zeros_(self.down.bias)
                 nn.init.zeros_(self.up.bias)
