@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from bench.registry import DATASETS
 from datasets import synthetic  # noqa: F401  (registers the procedural tasks)
-from datasets import fgvc, video, vtab  # noqa: F401  (register vtab/<task>, fgvc/<name> and video/<name>)
+from datasets import dense, fgvc, video, vtab  # noqa: F401  (register vtab/<task>, fgvc/<name>, video/<name>, dense/<name>)
 from datasets.base import DataError, ImageTensorDataset, Task, make_loader
 
 __all__ = ["build", "benchmark_order", "benchmark_groups", "Task", "DataError", "ImageTensorDataset", "make_loader"]
@@ -21,6 +21,10 @@ def benchmark_order(benchmark: str) -> list[str]:
         return list(video.VIDEO_DATASETS)
     if benchmark == "embedded_video":
         return ["moving_dsprites"]
+    if benchmark in ("coco", "voc", "ade20k"):
+        return [benchmark]
+    if benchmark == "embedded_dense":
+        return ["shapes_det", "shapes_seg"]
     return []
 
 

@@ -70,17 +70,21 @@ def _identity(batch):
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A single-process loader; a dataset's own ``collate(samples)`` (dense tasks: lists of images/targets,
+    padded batches) is its collate_fn, else batched datasets (``__getitems__``) pass their batch through."""
     g = torch.Generator()
     g.manual_seed(seed)
-    batched = hasattr(ds, "__getitems__")
+    collate = getattr(ds, "collate", None)
+    if collate is None and hasattr(ds, "__getitems__"):
+        collate = _identity
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                      num_workers=0, collate_fn=_identity if batched else None)
+                      num_workers=0, collate_fn=collate)
 
 
 @dataclass
 class Task:
     """A task with named splits and the protocol's split roles; ``kind`` selects its loss, metric and
-    evaluation loop (``bench.kinds``: image_cls, video_cls)."""
+    evaluation loop (``bench.kinds``: image_cls, video_cls; dense tasks: detection, segmentation)."""
 
     name: str
     benchmark: str
