@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
@@ -99,7 +100,7 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}; check dataset.root or re-download the images ({GETTING_DATA})") \
             from None
@@ -163,7 +164,9 @@ def segm_to_mask(segm, h: int, w: int) -> np.ndarray:
         rle = mask.frPyObjects(segm, h, w)
     else:
         rle = segm
-    return np.ascontiguousarray(mask.decode(rle), dtype=np.uint8)
+    with warnings.catch_warnings():  # pycocotools 2.0.x on numpy 2: "__array__ ... copy keyword" DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.ascontiguousarray(mask.decode(rle), dtype=np.uint8)
 
 
 def to_image_tensor(img: np.ndarray) -> torch.Tensor:
