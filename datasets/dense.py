@@ -313,7 +313,8 @@ def build_coco(cfg, image_size: int, mean, std) -> Task:
     flip = bool(cfg.get("train_flip", True))
     masks = bool(cfg.get("masks", True))
     for split in ann_files:  # every file checked before anything is parsed
-        for p, what in ((root / ann_files[split], "COCO annotation file"), (root / image_dirs[split], "COCO image folder")):
+        for p, what in ((root / ann_files[split], "COCO annotation file"),
+                        (root / image_dirs[split], "COCO image folder")):
             if not p.exists():
                 raise _missing(p, what, env, root)
     splits, names, num = {}, None, {}
@@ -570,7 +571,8 @@ class SegPipeline:
         rr = cfg.get("ratio_range")
         self.ratio_range = None if rr is None else (float(rr[0]), float(rr[1]))
         self.crop_size = _pair(cfg.get("crop_size"))  # (h, w)
-        self.cat_max_ratio = float(cfg.get("cat_max_ratio", 1.0) if cfg.get("cat_max_ratio") is not None else 1.0)
+        cmr = cfg.get("cat_max_ratio")
+        self.cat_max_ratio = 1.0 if cmr is None else float(cmr)  # 1.0 = no re-draws
         self.flip = bool(cfg.get("train_flip", True))
         pmd = cfg.get("photometric")
         self.photometric = dict(pmd) if pmd else None
@@ -644,7 +646,8 @@ class SegmentationSet(Dataset):
         if self.training and p.crop_size and p.pad_to_crop:
             x = pad_to(x, p.crop_size, 0.0)
             mask = pad_to(mask, p.crop_size, p.ignore_index)
-        return x, {"mask": mask, "size": size, "ori_size": ori, "image_id": int(getattr(self.source, "offset", 0)) + int(i)}
+        image_id = int(getattr(self.source, "offset", 0)) + int(i)
+        return x, {"mask": mask, "size": size, "ori_size": ori, "image_id": image_id}
 
     def collate(self, samples):
         hm = max(s[0].shape[1] for s in samples)
