@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -54,8 +55,7 @@ def _encode(masks: np.ndarray) -> list[dict]:
 
     if masks.shape[0] == 0:
         return []
-    rles = mask_api.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-    return list(rles)
+    return list(_quiet(mask_api.encode, np.asfortranarray(masks.transpose(1, 2, 0))))
 
 
 def _xywh(boxes: np.ndarray) -> np.ndarray:
@@ -64,9 +64,11 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
 
 
 def _quiet(fn, *args):
-    """Run a pycocotools call with its prints sent to the debug log."""
+    """Run a pycocotools call with its prints sent to the debug log (and numpy 2's DeprecationWarning about
+    pycocotools' ``__array__`` silenced)."""
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         out = fn(*args)
     if buf.getvalue().strip():
         log.debug("pycocotools: %s", " | ".join(buf.getvalue().strip().splitlines()))

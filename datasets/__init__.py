@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from bench.registry import DATASETS
 from datasets import synthetic  # noqa: F401  (registers the procedural tasks)
-from datasets import dense, fgvc, video, vtab  # noqa: F401  (register vtab/<task>, fgvc/<name>, video/<name>, dense/<name>)
+from datasets import dense, fgvc, video, vtab  # noqa: F401  (register vtab/, fgvc/, video/, dense/<name>)
 from datasets.base import DataError, ImageTensorDataset, Task, make_loader
 
 __all__ = ["build", "benchmark_order", "benchmark_groups", "Task", "DataError", "ImageTensorDataset", "make_loader"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
@@ -99,7 +100,7 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}; check dataset.root or re-download the images ({GETTING_DATA})") \
             from None
@@ -163,7 +164,9 @@ def segm_to_mask(segm, h: int, w: int) -> np.ndarray:
         rle = mask.frPyObjects(segm, h, w)
     else:
         rle = segm
-    return np.ascontiguousarray(mask.decode(rle), dtype=np.uint8)
+    with warnings.catch_warnings():  # pycocotools 2.0.x on numpy 2: "__array__ ... copy keyword" DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.ascontiguousarray(mask.decode(rle), dtype=np.uint8)
 
 
 def to_image_tensor(img: np.ndarray) -> torch.Tensor:
@@ -310,7 +313,8 @@ def build_coco(cfg, image_size: int, mean, std) -> Task:
     flip = bool(cfg.get("train_flip", True))
     masks = bool(cfg.get("masks", True))
     for split in ann_files:  # every file checked before anything is parsed
-        for p, what in ((root / ann_files[split], "COCO annotation file"), (root / image_dirs[split], "COCO image folder")):
+        for p, what in ((root / ann_files[split], "COCO annotation file"),
+                        (root / image_dirs[split], "COCO image folder")):
             if not p.exists():
                 raise _missing(p, what, env, root)
     splits, names, num = {}, None, {}
@@ -567,7 +571,8 @@ class SegPipeline:
         rr = cfg.get("ratio_range")
         self.ratio_range = None if rr is None else (float(rr[0]), float(rr[1]))
         self.crop_size = _pair(cfg.get("crop_size"))  # (h, w)
-        self.cat_max_ratio = float(cfg.get("cat_max_ratio", 1.0) if cfg.get("cat_max_ratio") is not None else 1.0)
+        cmr = cfg.get("cat_max_ratio")
+        self.cat_max_ratio = 1.0 if cmr is None else float(cmr)  # 1.0 = no re-draws
         self.flip = bool(cfg.get("train_flip", True))
         pmd = cfg.get("photometric")
         self.photometric = dict(pmd) if pmd else None
@@ -641,7 +646,8 @@ class SegmentationSet(Dataset):
         if self.training and p.crop_size and p.pad_to_crop:
             x = pad_to(x, p.crop_size, 0.0)
             mask = pad_to(mask, p.crop_size, p.ignore_index)
-        return x, {"mask": mask, "size": size, "ori_size": ori, "image_id": int(getattr(self.source, "offset", 0)) + int(i)}
+        image_id = int(getattr(self.source, "offset", 0)) + int(i)
+        return x, {"mask": mask, "size": size, "ori_size": ori, "image_id": image_id}
 
     def collate(self, samples):
         hm = max(s[0].shape[1] for s in samples)

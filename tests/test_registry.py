@@ -46,7 +46,7 @@ def test_group_globs_expand_over_nested_configs():
 
     out = expand_group_globs(["-m", "dataset=glob(synthetic/*)", "method=glob(spt_*)", "seed=0,1", "train.lr=glob(x)"])
     assert out == ["-m", "dataset=synthetic/clevr_count,synthetic/dsprites_loc,synthetic/dsprites_ori,synthetic/moving_dsprites,"
-                   "synthetic/textures",
+                   "synthetic/shapes_det,synthetic/shapes_seg,synthetic/textures",
                    "method=spt_adapter,spt_lora", "seed=0,1", "train.lr=glob(x)"]
     vtab = expand_group_globs(["dataset=glob(vtab/*,exclude=[vtab/s*,vtab/d*])"])[0].split("=")[1].split(",")
     assert len(vtab) == 19 - 9 and "vtab/cifar100" in vtab and not any(n.startswith(("vtab/s", "vtab/d")) for n in vtab)
