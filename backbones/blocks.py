@@ -91,6 +91,7 @@ def window_block_forward(block: nn.Module, x: torch.Tensor, attn: Callable[[torc
     to the attention output. Shared by the 2-D Swin (timm) and the Video Swin (torchvision) blocks.
     """
     ext, shape = block.petl, x.shape
+    block.petl_grid = tuple(shape[1:-1])  # the map's current size, for extensions that need the grid (Mona)
     seq = x.reshape(shape[0], -1, shape[-1])
     h = block.norm1(x).reshape(seq.shape)
     y = _apply_all(ext, "attn_before", h)

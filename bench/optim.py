@@ -71,11 +71,11 @@ def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int)
     warm-up (a jump at its end); we keep their end points, not those artefacts.
     """
     total = max(1, int(train_cfg["epochs"]) * steps_per_epoch)
+    if train_cfg.get("max_steps"):
+        total = max(1, min(total, int(train_cfg["max_steps"])))
     warmup = int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
     warmup = min(warmup, total - 1) if warmup > 0 else 0
     kind = str(train_cfg.get("schedule", "cosine") or "cosine")
-    if train_cfg.get("max_steps"):
-        total = min(total, int(train_cfg["max_steps"]))
     if kind in ("step", "poly"):
         return StepwiseLR(opt, kind, total, warmup, float(train_cfg.get("warmup_lr", 1e-6)),
                           float(train_cfg.get("min_lr", 0.0)),

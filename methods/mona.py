@@ -114,6 +114,7 @@ class Mona(nn.Module):
                  kernels=(3, 5, 7), device=None):
         super().__init__()
         self.grid, self.prefix = tuple(int(g) for g in grid), int(prefix)
+        self.grid_fn = None  # Swin blocks: the block's current map size (dense inputs of any size)
         self.norm = nn.LayerNorm(dim, device=device)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6, device=device))
         self.gammax = nn.Parameter(torch.ones(dim, device=device))
@@ -128,7 +129,8 @@ class Mona(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.project1(self.norm(x) * self.gamma + x * self.gammax)
-        p = on_grid(p, self.adapter_conv, self.grid, self.prefix)
+        grid = self.grid_fn() if self.grid_fn is not None else self.grid
+        p = on_grid(p, self.adapter_conv, grid, self.prefix)
         return x + self.project2(self.dropout(F.gelu(p)))
 
 
@@ -145,5 +147,8 @@ class MonaMethod(Method):
         for b in sites:
             grid = vit_grid or tuple(b.block.input_resolution)
             for key in ("mid", "out"):  # M1 after the attention residual, M2 after the MLP residual
-                b.extend(key, Mona(b.dim, grid, sites.num_prefix_tokens, hidden, dropout, kernels,
-                                   device=b.norm2.weight.device))
+                m = b.extend(key, Mona(b.dim, grid, sites.num_prefix_tokens, hidden, dropout, kernels,
+                                       device=b.norm2.weight.device))
+                if sites.family == "swin":
+                    blk = b.block
+                    m.grid_fn = lambda blk=blk: getattr(blk, "petl_grid", None) or tuple(blk.input_resolution)
