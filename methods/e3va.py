@@ -66,6 +66,7 @@ class Highway(nn.Module):
 @register("e3va")
 class E3VA(Method):
     families = ("swin",)
+    dense_only = True  # the dense Swin (backbones.swin_det) only; checked in inject
 
     def inject(self, model, sites):
         if not getattr(model, "petl_dense", False):

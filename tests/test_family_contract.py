@@ -17,7 +17,8 @@ TINY = {f: OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "backbone" / f
         for f in ("swin", "convnext")}
 TINY.update(video_vit=TINY_VIDEO_VIT, video_swin=TINY_VIDEO_SWIN)
 VIDEO = ("video_vit", "video_swin")
-CASES = [(n, f) for n in METHODS.names() for f in TINY if f in METHODS.get(n).families]
+CASES = [(n, f) for n in METHODS.names() for f in TINY if f in METHODS.get(n).families
+         and not getattr(METHODS.get(n), "dense_only", False)]  # dense-only methods: tests/test_dense.py
 
 
 def images(n, seed=0, family="swin"):
