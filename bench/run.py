@@ -59,7 +59,6 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
         "seed": int(cfg.seed), "cache_dir": cfg.get("cache_dir"), "num_classes": int(cfg.dataset.num_classes),
     }
     kind = kinds.get(str(cfg.dataset.get("kind", "image_cls")))
-    kind.check_backbone(str(cfg.backbone.family), cfg.backbone.name, cfg.dataset.name)
     model = kind.build_model(cfg, device)  # classification: the backbone; dense: Swin-Det + the decoder as head
     method.apply(model)
     after = getattr(model, "petl_after_apply", None)  # e.g. the VOC recipe's frozen patch embedding
