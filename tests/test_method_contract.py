@@ -7,7 +7,7 @@ from bench.registry import METHODS
 from datasets.base import ImageTensorDataset, make_loader
 from helpers import TINY_VIT, build, images
 
-ALL = METHODS.names()
+ALL = [n for n in METHODS.names() if not getattr(METHODS.get(n), "dense_only", False)]  # dense-only (e3va): tests/test_dense.py
 
 
 def tiny_loader(n=16, classes=10, size=32):
