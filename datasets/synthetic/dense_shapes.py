@@ -23,21 +23,11 @@ from bench.registry import DATASETS
 from datasets.base import Task
 from datasets.dense import DetectionSet, SegmentationSet, SegPipeline
 from datasets.synthetic.common import cached
+from datasets.synthetic.shapes import _smooth_noise as _smooth  # the same 64 px value noise
 
 SIZE = 64
 CLASSES = ("disc", "square", "triangle")
 MAX_SHAPES = 4
-
-
-def _smooth(rng: np.random.Generator, cells: int) -> np.ndarray:
-    coarse = rng.random((cells + 1, cells + 1))
-    t = np.linspace(0, cells, SIZE, endpoint=False)
-    i = t.astype(int)
-    f = t - i
-    f = f * f * (3 - 2 * f)
-    a = coarse[i][:, i] * (1 - f)[None] + coarse[i][:, i + 1] * f[None]
-    b = coarse[i + 1][:, i] * (1 - f)[None] + coarse[i + 1][:, i + 1] * f[None]
-    return a * (1 - f)[:, None] + b * f[:, None]
 
 
 def background(rng: np.random.Generator) -> np.ndarray:
