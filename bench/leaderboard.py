@@ -27,23 +27,31 @@ KEYS = ["benchmark", "backbone", "select", "metric", "method", "variant", "datas
 def records_frame(results_dir: str | Path) -> pd.DataFrame:
     rows = []
     for r in load_records(results_dir):
-        metric = r.get("metric") or "top1"
-        score = (r.get("metrics") or {}).get(metric, r.get("score", r.get("top1")))
-        if r.get("status") != "ok" or score is None:
+        if r.get("status") != "ok":
             continue
         proto = r.get("protocol", {})
         ds_cfg = (r.get("config") or {}).get("dataset") or {}
-        rows.append({
-            "benchmark": r["benchmark"], "backbone": r["backbone"], "select": proto.get("select", "last"),
-            "method": r["method"], "variant": r.get("variant") or "", "dataset": r["dataset"].split("/")[-1],
-            "group": ds_cfg.get("group"), "seed": int(r["seed"]), "metric": metric, "score": float(score),
-            "params": int(r["trainable_params"]), "select_score": proto.get("select_score"),
-            "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
-            "created": r.get("created", ""), "run_id": r.get("run_id", ""),
-            "epochs": (proto.get("schedule") or {}).get("epochs"),
-            "views": proto.get("views", 1),
-            "config_hash": r.get("config_hash") or "",
-        })
+        perf = r.get("perf") or {}
+        main = r.get("metric") or "top1"
+        # the task's headline metrics (COCO: box AP and mask AP): one table each; the record's metric first
+        shown = [main] + [m for m in ds_cfg.get("leaderboard_metrics") or [] if m != main]
+        for metric in shown:
+            score = (r.get("metrics") or {}).get(metric, r.get("score", r.get("top1")) if metric == main else None)
+            if score is None:
+                continue
+            rows.append({
+                "benchmark": r["benchmark"], "backbone": r["backbone"], "select": proto.get("select", "last"),
+                "method": r["method"], "variant": r.get("variant") or "", "dataset": r["dataset"].split("/")[-1],
+                "group": ds_cfg.get("group"), "seed": int(r["seed"]), "metric": metric, "score": float(score),
+                "params": int(r["trainable_params"]), "select_score": proto.get("select_score"),
+                "train_split": proto.get("train_split"), "eval_split": proto.get("eval_split"),
+                "created": r.get("created", ""), "run_id": r.get("run_id", ""),
+                "epochs": (proto.get("schedule") or {}).get("epochs"),
+                "views": proto.get("views", 1),
+                "config_hash": (r.get("config_hash") or "") and f"{r['config_hash']}:{metric}",
+                "kind": r.get("kind", "image_cls"),
+                "mem_mb": perf.get("peak_mem_mb"), "mem_kind": perf.get("peak_mem_kind"),
+            })
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -178,6 +186,16 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
     both = pd.concat([sub, extra], ignore_index=True) if not extra.empty else sub
     agg = both.groupby(["method", "variant", "dataset"]).agg(
         mean=("score", "mean"), std=("score", "std"), n=("score", "size"), params=("params", "mean"))
+    memory = shows_memory(sub)
+    if memory:
+        mem = both.groupby(["method", "variant"])["mem_mb"].mean()
+        kinds_ = sorted(set(sub["mem_kind"].dropna()))
+        what = {"cuda_max_allocated": "cuda_max_allocated (torch.cuda.max_memory_allocated, as the anchors' Memory "
+                                      "column)",
+                "cpu_max_rss": "cpu_max_rss (the process's peak resident set on a CPU run: not comparable with GPU "
+                               "numbers)"}
+        notes.append("memory (MB): peak training memory, mean over runs; measured as "
+                     + "; ".join(what.get(k, k) for k in kinds_) if kinds_ else "memory (MB): not recorded")
     rows = []
     for (method, variant), g in agg.groupby(level=[0, 1]):
         g = g.droplevel([0, 1])
@@ -192,6 +210,9 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
         row["mean"] = mean_cell(list(g["mean"]), expected)
         row["params (M)"] = f"{params / 1e6:.3f}" if params >= 1e5 else f"{params / 1e6:.4f}"
         row["PPT"] = "-" if method == "full" else f"{ppt(mean / 100.0, params):.2f}"
+        if memory:
+            m = mem.get((method, variant))
+            row["memory (MB)"] = "" if m is None or pd.isna(m) else f"{m:,.0f}"
         rows.append((params, label, row))
         if variant == "variant chosen on val":
             chosen = extra[extra["method"] == method].sort_values(["dataset", "seed"])
@@ -214,7 +235,13 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
         row["mean"] = f"{float(g.loc['mean', 'score']):.1f}" if "mean" in g.index else ""
         p = g["params"].dropna() if "params" in g.columns else pd.Series(dtype=float)
         row["params (M)"] = f"{float(p.iloc[0]):.3f}" if len(p) else ""
-        row["PPT"] = ""
+        # the anchors' PPT from their own mean and parameter count (Full has none)
+        at = "mean" if "mean" in g.index else datasets[0] if len(datasets) == 1 and datasets[0] in g.index else None
+        row["PPT"] = f"{ppt(float(g.loc[at, 'score']) / 100.0, float(p.iloc[0]) * 1e6):.2f}" \
+            if at is not None and method != "full" and len(p) else ""
+        if memory:
+            mm = g["memory_mb"].dropna() if "memory_mb" in g.columns else pd.Series(dtype=float)
+            row["memory (MB)"] = f"{float(mm.iloc[0]):,.0f} (published)" if len(mm) else ""
         sources = sorted(set(g["source"].dropna())) if "source" in g.columns else []
         if sources:
             notes.append(f"{method} (published): {'; '.join(sources)}")
@@ -224,6 +251,14 @@ def table(sub: pd.DataFrame, benchmark: str, backbone: str) -> tuple[str, list[s
     headers = list(body[0].keys()) if body else []
     return tabulate([[r.get(h, "") for h in headers] for r in body], headers=headers, tablefmt="github",
                     disable_numparse=True), notes
+
+
+DENSE_KINDS = ("detection", "segmentation")
+
+
+def shows_memory(sub: pd.DataFrame) -> bool:
+    """Dense tables carry the anchors' Memory column (spec video_dense.md sec. B4)."""
+    return "kind" in sub.columns and sub["kind"].isin(DENSE_KINDS).any()
 
 
 METRIC_NAMES = {"top1": "top-1 %", "top5": "top-5 %", "box_ap": "box AP", "mask_ap": "mask AP",

@@ -10,10 +10,11 @@ from bench.leaderboard import REFERENCE_DIR, load_reference
 from bench.metrics import ppt
 
 COLUMNS = ["benchmark", "backbone", "method", "dataset", "top1", "params", "source"]
-BACKBONES = {"vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b", "vit_l16", "vit_h14", "videomae_b",
+DENSE_COLUMNS = ["benchmark", "backbone", "method", "dataset", "metric", "score", "params", "memory_mb", "source"]
+BACKBONES = {"swin_l", "vit_b16", "vit_b16_mae", "vit_b16_mocov3", "swin_b", "convnext_b", "vit_l16", "vit_h14", "videomae_b",
              "video_swin_b"}
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
-vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
+vera fourierft ssf mona lorand e3va fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
 arc_att lst hst last snf bapat patt adapter_plus""".split())
 NATURAL = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
 SPECIALIZED = ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
@@ -22,9 +23,10 @@ STRUCTURED = ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "ds
 VTAB = NATURAL + SPECIALIZED + STRUCTURED
 FGVC = ["cub", "nabirds", "flowers", "dogs", "cars"]
 DATASETS = {"vtab": set(VTAB) | {"mean_natural", "mean_specialized", "mean_structured", "mean"},
-            "fgvc": set(FGVC) | {"mean"}, "video": {"ssv2", "hmdb51"}}
+            "fgvc": set(FGVC) | {"mean"}, "video": {"ssv2", "hmdb51"}, "coco": {"coco"}, "voc": {"voc"},
+            "ade20k": {"ade20k"}}
 ROWS = {"convpass.csv": 23, "issue15_methods_a.csv": 2, "spt_snell_arc.csv": 135, "vpetl_image.csv": 490,
-        "vpetl_video.csv": 22}
+        "vpetl_video.csv": 22, "vpetl_dense.csv": 44}
 FILES = sorted(REFERENCE_DIR.glob("*.csv"))
 
 
@@ -45,8 +47,9 @@ def test_files_and_columns():
     for p in FILES:
         text = p.read_text(encoding="utf-8").splitlines()
         header = next(line for line in text if not line.startswith("#"))
-        assert header.split(",") == COLUMNS, p
-        assert list(pd.read_csv(p, comment="#").columns) == COLUMNS, p
+        cols = DENSE_COLUMNS if p.name == "vpetl_dense.csv" else COLUMNS
+        assert header.split(",") == cols, p
+        assert list(pd.read_csv(p, comment="#").columns) == cols, p
 
 
 def test_values_in_range_and_names_known(ref):
@@ -55,13 +58,15 @@ def test_values_in_range_and_names_known(ref):
     assert set(ref.backbone) <= BACKBONES and set(ref.method) <= METHODS
     for bench, ds in DATASETS.items():
         assert set(ref[ref.benchmark == bench].dataset) <= ds, bench
-    assert ref.top1.between(0, 100).all() and (ref.top1 > 5).all()
+    score = ref.top1.fillna(ref.score)
+    assert score.between(0, 100).all() and (score > 5).all()
     video = ref[ref.benchmark == "video"]
     assert len(video) == 22 and set(video.backbone) == {"videomae_b", "video_swin_b"}
     params = ref.params.dropna()
     assert params.between(0, 700).all()
     assert ref.source.str.len().gt(20).all()
-    assert not ref.duplicated(["benchmark", "backbone", "method", "dataset"]).any()
+    assert not ref.assign(metric=ref.metric.fillna("top1")).duplicated(
+        ["benchmark", "backbone", "method", "dataset", "metric"]).any()
 
 
 def test_vpetl_readme_rows(ref):
@@ -151,3 +156,18 @@ def test_vpetl_video_rows(ref):
     assert round(ppt(row.top1 / 100, row.params * 1e6), 2) == 0.56  # README PPT 0.56
     row = cell(ref, f, "video_swin_b", "prefix", "ssv2", "video")
     assert round(ppt(row.top1 / 100, row.params * 1e6), 2) == 0.32
+
+
+def test_vpetl_dense_rows(ref):
+    """Spot checks against the README dense table (spec video_dense.md sec. B5): scores, memory and PPT."""
+    d = ref[ref.file == "vpetl_dense.csv"]
+    assert d.groupby(["benchmark", "metric"]).size().to_dict() == {
+        ("ade20k", "miou"): 11, ("coco", "box_ap"): 11, ("coco", "mask_ap"): 11, ("voc", "box_ap50"): 11}
+    assert set(d[d.benchmark == "coco"].backbone) == {"swin_b"} and set(d[d.benchmark != "coco"].backbone) == {"swin_l"}
+    mona = d[(d.method == "mona") & (d.benchmark == "coco") & (d.metric == "box_ap")].iloc[0]
+    assert (mona.score, mona.params, mona.memory_mb) == (53.4, 4.16, 13996)
+    assert round(ppt(mona.score / 100, mona.params * 1e6), 2) == 0.46  # README PPT 0.46
+    e3va = d[(d.method == "e3va") & (d.benchmark == "voc")].iloc[0]
+    assert (e3va.score, e3va.memory_mb) == (86.5, 4819) and round(ppt(e3va.score / 100, e3va.params * 1e6), 2) == 0.81
+    assert d[d.benchmark == "ade20k"].memory_mb.isna().all()  # the README gives no ADE20K memory
+    assert len(load_reference("coco", "swin_b", "mask_ap")) == 11

@@ -131,3 +131,38 @@ def test_vtab_leaderboard_group_means_and_published_rows(tmp_path):
     published = next(l for l in text.splitlines() if l.startswith("| adapter (published)"))
     assert "69.2 (Δ +0.8)" in published and "71.4" in published  # V-PETL README: cifar100 69.2, mean 71.44
     assert "V-PETL Bench README" in text
+
+
+def dense_record(method, seed, box, mask, params, mem, created="2026-01-01T00:00:00"):
+    return {
+        "schema": 1, "status": "ok", "run_id": f"{method}{seed}{created}", "created": created, "benchmark": "coco",
+        "dataset": "dense/coco", "backbone": "swin_b", "method": method, "variant": "", "seed": seed,
+        "kind": "detection", "config_hash": f"h{method}{seed}", "metric": "box_ap", "score": box,
+        "metrics": {"box_ap": box, "box_ap50": box + 20, "mask_ap": mask}, "trainable_params": params,
+        "head_params": 10, "total_params": 10 ** 6,
+        "perf": {"peak_mem_mb": mem, "peak_mem_kind": "cuda_max_allocated"},
+        "protocol": {"select": "last", "train_split": "train2017", "eval_split": "val2017"},
+        "config": {"dataset": {"name": "dense/coco", "leaderboard_metrics": ["box_ap", "mask_ap"]}},
+    }
+
+
+def test_dense_leaderboard_tables_memory_and_published(tmp_path):
+    """COCO: one table per headline metric (box AP, mask AP), the anchors' Memory column beside ours, and the
+    published rows (results/reference/vpetl_dense.csv) with their memory and PPT."""
+    write_record(tmp_path, dense_record("lora", 0, 50.0, 43.0, 3_080_192, 12000.0))
+    write_record(tmp_path, dense_record("lora", 1, 52.0, 45.0, 3_080_192, 12200.0))
+    write_record(tmp_path, dense_record("linear", 0, 40.0, 35.0, 0, 7000.0))
+    paths = regenerate(tmp_path)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in paths)
+    assert names == ["coco/leaderboard.md", "coco/pareto_swin_b_last_box_ap.png", "coco/pareto_swin_b_last_mask_ap.png"]
+    text = (tmp_path / "coco" / "leaderboard.md").read_text()
+    box, mask = text.split("metric mask_ap")
+    assert "metric box_ap" in box
+    lora_box = next(l for l in box.splitlines() if l.startswith("| lora "))
+    assert "51.0 ± 1.4 (n=2)" in lora_box and "12,100" in lora_box
+    lora_mask = next(l for l in mask.splitlines() if l.startswith("| lora "))
+    assert "44.0 ± 1.4 (n=2)" in lora_mask
+    pub = next(l for l in box.splitlines() if l.startswith("| lora (published)"))
+    assert "51.2 (Δ -0.2)" in pub and "11,975 (published)" in pub and f"{ppt(0.512, 3.03e6):.2f}" in pub
+    assert "| mona (published)" in mask and "46.0" in next(l for l in mask.splitlines() if "mona (published)" in l)
+    assert "cuda_max_allocated" in text
