@@ -148,7 +148,8 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     fingerprint = run_state.structure_fingerprint(model)
 
     lr, wd = float(tcfg.lr), float(tcfg.weight_decay)
-    groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)))
+    groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)),
+                                                                         list(tcfg.get("no_decay_keys") or []))
     opt = build_optimizer(groups, tcfg)
     steps_per_epoch = len(train_loader)
     sched = build_scheduler(opt, tcfg, steps_per_epoch)

@@ -1,21 +1,24 @@
 """Optimiser and per-iteration learning-rate schedule."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 
-def default_param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> list[dict]:
+def default_param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool,
+                         no_decay_keys: Sequence[str] = ()) -> list[dict]:
     """All trainable tensors; with ``no_decay_1d`` biases and 1-D tensors get no weight decay
-    (SPT/SNELL convention); without it every tensor is decayed (V-PETL Bench convention)."""
+    (SPT/SNELL convention); without it every tensor is decayed (V-PETL Bench convention). A tensor whose name
+    contains one of ``no_decay_keys`` gets none either (mmdet/mmseg ``paramwise_cfg`` custom keys)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if no_decay_1d and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
+        exempt = (no_decay_1d and (p.ndim <= 1 or name.endswith(".bias"))) or any(k in name for k in no_decay_keys)
+        (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -73,7 +76,8 @@ def build_scheduler(opt: torch.optim.Optimizer, train_cfg, steps_per_epoch: int)
     total = max(1, int(train_cfg["epochs"]) * steps_per_epoch)
     if train_cfg.get("max_steps"):
         total = max(1, min(total, int(train_cfg["max_steps"])))
-    warmup = int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+    steps = train_cfg.get("warmup_steps")
+    warmup = int(steps) if steps is not None else int(round(float(train_cfg.get("warmup_epochs", 0)) * steps_per_epoch))
     warmup = min(warmup, total - 1) if warmup > 0 else 0
     kind = str(train_cfg.get("schedule", "cosine") or "cosine")
     if kind in ("step", "poly"):

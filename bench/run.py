@@ -242,9 +242,11 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
             "views": out["eval_views"],  # views averaged per test example (video: temporal x spatial)
             **kinds.get(getattr(task, "kind", "image_cls")).for_task(task).protocol(task),
             "normalization": {"mean": list(task.mean), "std": list(task.std)},
-            "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d")},
+            "optimizer": {k: resolved["train"].get(k) for k in ("optimizer", "lr", "weight_decay", "no_decay_1d",
+                                                                  "no_decay_keys")},
             "schedule": {k: resolved["train"].get(k) for k in ("epochs", "warmup_epochs", "warmup_lr", "min_lr",
-                                                                     "schedule", "milestones", "max_steps")},
+                                                                     "schedule", "milestones", "max_steps",
+                                                                     "warmup_steps", "poly_power")},
             "batch_size": int(cfg.train.batch_size),
             "label_smoothing": float(cfg.train.label_smoothing),
             "drop_path": effective_drop_path(model),

@@ -178,13 +178,15 @@ class DetectionSet(Dataset):
     """Detection items over ``records`` (``DetRecord``) or any source with ``__len__``, ``image(i)`` (uint8
     [H, W, 3]) and ``target(i, h, w)`` (numpy dict: boxes, labels, ignore, area, masks opt.)."""
 
-    def __init__(self, source, masks: bool, flip: bool = False):
+    def __init__(self, source, masks: bool, flip: bool = False, repeat: int = 1, crop: Optional["CropPolicy"] = None):
         self.source, self.masks, self.flip = source, bool(masks), bool(flip)
+        self.repeat, self.crop = max(1, int(repeat)), crop  # mmdet RepeatDataset; COCO's second training policy
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.source) * self.repeat
 
     def __getitem__(self, i: int):
+        i = i % len(self.source)
         img = self.source.image(i)
         h, w = img.shape[:2]
         t = self.source.target(i, h, w, self.masks)
@@ -198,6 +200,8 @@ class DetectionSet(Dataset):
             target["masks"] = torch.from_numpy(t["masks"]).to(torch.uint8).reshape(-1, h, w)
         if self.flip and bool(torch.rand(()) < 0.5):
             image, target = hflip_detection(image, target)
+        if self.crop is not None:
+            image, target = self.crop(image, target)
         return image, target
 
     @staticmethod
@@ -213,6 +217,57 @@ def hflip_detection(image: torch.Tensor, target: dict):
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
     return image.flip(-1), out
+
+
+class CropPolicy:
+    """mmdet's COCO AutoAugment pair, second policy: with probability ``p`` resize keep-ratio to a short side drawn
+    from ``short`` (long side <= ``max_long``), then crop an absolute-range ``crop`` = [lo, hi] box (height and width
+    each drawn in [lo, min(side, hi)], mmdet RandomCrop ``absolute_range``, negative crops allowed); boxes are
+    shifted and clipped and those left without area dropped, masks cropped. The final multi-scale resize of both
+    policies is the detector's own (``decoder.min_size``), so the first policy is the identity here."""
+
+    def __init__(self, p: float = 0.5, short: Sequence[int] = (400, 500, 600), max_long: int = 1333,
+                 crop: Sequence[int] = (384, 600)):
+        self.p, self.short, self.max_long = float(p), [int(v) for v in short], int(max_long)
+        self.lo, self.hi = int(crop[0]), int(crop[1])
+
+    def __call__(self, image: torch.Tensor, target: dict):
+        if not bool(torch.rand(()) < self.p):
+            return image, target
+        h, w = image.shape[-2:]
+        s = self.short[int(torch.randint(len(self.short), ()))]
+        nh, nw = rescale_size(h, w, (self.max_long, s))
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+        t = dict(target)
+        t["boxes"] = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        if "masks" in target:
+            m = target["masks"]
+            t["masks"] = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest")[0].to(m.dtype) if len(m) \
+                else m.new_zeros((0, nh, nw))
+        ch = int(torch.randint(min(nh, self.lo), min(nh, self.hi) + 1, ()))
+        cw = int(torch.randint(min(nw, self.lo), min(nw, self.hi) + 1, ()))
+        oy, _, ox, _ = crop_box(nh, nw, (ch, cw))
+        image = image[..., oy:oy + ch, ox:ox + cw]
+        b = t["boxes"] - torch.tensor([ox, oy, ox, oy], dtype=t["boxes"].dtype)
+        b[:, 0::2] = b[:, 0::2].clamp(0, cw)
+        b[:, 1::2] = b[:, 1::2].clamp(0, ch)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        t["boxes"] = b[keep]
+        for k in ("labels", "ignore"):
+            t[k] = t[k][keep]
+        t["area"] = ((t["boxes"][:, 2] - t["boxes"][:, 0]) * (t["boxes"][:, 3] - t["boxes"][:, 1])).float()
+        if "masks" in t:
+            t["masks"] = t["masks"][keep][:, oy:oy + ch, ox:ox + cw].contiguous()
+        return image, t
+
+
+def crop_policy(cfg) -> Optional[CropPolicy]:
+    """``dataset.train_crop`` ({p, short, max_long, crop}) or None."""
+    c = cfg.get("train_crop")
+    if not c:
+        return None
+    return CropPolicy(float(c.get("p", 0.5)), list(c.get("short", (400, 500, 600))), int(c.get("max_long", 1333)),
+                      list(c.get("crop", (384, 600))))
 
 
 class RecordSource:
@@ -325,7 +380,10 @@ def build_coco(cfg, image_size: int, mean, std) -> Task:
         if names is not None and names_s != names:
             raise DataError(f"{root / ann_files[split]} lists other categories than the other splits' json")
         names, num[split] = names_s, len(recs)
-        splits[split] = DetectionSet(RecordSource(recs), masks, flip=flip and split in train_splits)
+        train = split in train_splits
+        splits[split] = DetectionSet(RecordSource(recs), masks, flip=flip and train,
+                                     repeat=int(cfg.get("repeat", 1)) if train else 1,
+                                     crop=crop_policy(cfg) if train else None)
     classes = int(cfg.get("num_classes") or len(names))
     if classes != len(names):
         raise DataError(f"dataset.num_classes={classes} but {root / next(iter(ann_files.values()))} has "
@@ -438,7 +496,10 @@ def build_voc(cfg, image_size: int, mean, std) -> Task:
             year, _, lname = entry.partition("/")
             recs += parse_voc_list(devkit, year, lname, class_index, offset=len(recs))
         num[split] = len(recs)
-        splits[split] = DetectionSet(RecordSource(recs), masks=False, flip=flip and split in train_splits)
+        train = split in train_splits
+        splits[split] = DetectionSet(RecordSource(recs), masks=False, flip=flip and train,
+                                     repeat=int(cfg.get("repeat", 1)) if train else 1,
+                                     crop=crop_policy(cfg) if train else None)
     info = _det_info("voc07", False, names, num, flip, source="Pascal VOC xml (mmdet 2.11 XMLDataset rules)",
                      folder=str(devkit), lists=used, train_sets=" + ".join(used["trainval0712"]),
                      coordinates="integer xml coordinates minus 1 on all four; difficult=1 -> ignore")

@@ -133,8 +133,9 @@ def test_coco_reader_mapping_boxes_crowd_masks_and_filters(coco_root):
 
 
 def test_coco_training_flip_is_seeded_and_consistent(coco_root):
-    task = build("dense/coco", root=str(coco_root), num_classes=3)
-    ref_img, ref_t = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False).split("train")[0]
+    task = build("dense/coco", root=str(coco_root), num_classes=3, train_crop=None)
+    ref_img, ref_t = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False,
+                           train_crop=None).split("train")[0]
     train = task.split("train")
     flipped = []
     for seed in range(6):
@@ -181,6 +182,47 @@ def test_collate_and_make_loader(coco_root, ade_root):
 
 
 # ---------------------------------------------------------------- VOC
+
+
+def test_coco_crop_policy_boxes_masks_and_probability(coco_root):
+    """mmdet's second COCO policy: resize to a short side in {400, 500, 600}, crop 384-600; boxes shifted and
+    clipped into the crop, emptied boxes dropped with their masks; p = 0 is the identity."""
+    from datasets.dense import CropPolicy
+
+    plain = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False, train_crop=None).split("train")
+    img0, t0 = plain[0]
+    torch.manual_seed(0)
+    same = CropPolicy(p=0.0)(img0, t0)
+    assert same[0] is img0 and same[1] is t0
+    crop = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False,
+                 train_crop={"p": 1.0, "short": [400, 500, 600], "max_long": 1333, "crop": [384, 600]}).split("train")
+    sizes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        img, t = crop[0]
+        h, w = img.shape[-2:]
+        sizes.add((h, w))
+        assert 384 <= h <= 600 and 384 <= w <= 600
+        b = t["boxes"]
+        assert len(b) == len(t["labels"]) == len(t["ignore"]) == len(t["masks"]) <= len(t0["boxes"])
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= h).all()
+        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+        assert t["masks"].shape[-2:] == (h, w) and img.dtype == img0.dtype
+        for box, m in zip(b, t["masks"]):  # masks stay under their boxes
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            if len(xs):
+                assert xs.min() >= box[0] - 1 and xs.max() + 1 <= box[2] + 1
+    assert len(sizes) > 1
+    assert len(build("dense/coco", root=str(coco_root), num_classes=3).split("test")[0][1]["boxes"]) \
+        == len(build("dense/coco", root=str(coco_root), num_classes=3, train_crop=None).split("test")[0][1]["boxes"])
+
+
+def test_voc_repeat_dataset_triples_an_epoch(voc_root):
+    task = build("dense/voc", root=str(voc_root), train_flip=False)  # dense/voc.yaml: repeat 3 (RepeatDataset x3)
+    train, test = task.split("train"), task.split("test")
+    assert len(train) == 3 * task.info["num_images"]["trainval0712"] and len(test) == task.info["num_images"]["test07"]
+    assert torch.equal(train[1][0], train[1 + 3][0]) and train[2][1]["image_id"] == train[8][1]["image_id"]
+    assert len(build("dense/voc", root=str(voc_root), repeat=1).split("train")) == 3
 
 
 def test_voc_reader_minus_one_rule_difficult_and_years(voc_root, tmp_path):

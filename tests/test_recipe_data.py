@@ -12,12 +12,13 @@ from bench import CONF_DIR
 from tools import make_recipes as mr
 
 ALL_RECIPES = mr.all_recipes()
-RECIPES = {k: v for k, v in ALL_RECIPES.items() if k[1] not in mr.VIDEO_SETS}  # image recipes
+RECIPES = {k: v for k, v in ALL_RECIPES.items() if k[1] not in mr.VIDEO_SETS + mr.DENSE_SETS}  # image recipes
+DENSE = {k: v for k, v in ALL_RECIPES.items() if k[1] in mr.DENSE_SETS}
 VIDEO = {k: v for k, v in ALL_RECIPES.items() if k[1] in mr.VIDEO_SETS}
 # the methods of the suite (existing and being written); recipes may only name these
 METHODS = set("""full linear bitfit lora adapter vpt_shallow ln_tune partial vpt_deep prefix u_tuning adaptformer dora
 vera fourierft ssf fact_tt fact_tk repadapter convpass hydra_adapter dtl noah spt_lora spt_adapter gps sct snell arc
-arc_att lst hst last snf bapat patt e2vpt glora vqt dyt mona adapter_plus pissa svft""".split())
+arc_att lst hst last snf bapat patt e2vpt glora vqt dyt mona adapter_plus pissa svft lorand e3va""".split())
 
 
 def _train(method, ds):
@@ -27,7 +28,7 @@ def _train(method, ds):
 def test_committed_files_equal_generator_output(tmp_path):
     out = tmp_path / "recipe"
     n, removed = mr.write(out)
-    assert n == len(ALL_RECIPES) == 584 + 16 + 2 * 19 + 24 and removed == 0  # + video, glora/dyt, adapter_plus
+    assert n == len(ALL_RECIPES) == 584 + 16 + 2 * 19 + 24 + 33 and removed == 0  # + video, glora/dyt, adapter_plus, dense
     committed = {p.relative_to(mr.RECIPE_DIR).as_posix(): p.read_text(encoding="utf-8")
                  for p in mr.RECIPE_DIR.rglob("*.yaml") if mr.is_generated(p)}
     generated = {p.relative_to(out).as_posix(): p.read_text(encoding="utf-8") for p in out.rglob("*.yaml")}
@@ -38,7 +39,7 @@ def test_committed_files_equal_generator_output(tmp_path):
     (out / "lora" / "synthetic").mkdir(parents=True)
     (out / "lora" / "synthetic" / "mine.yaml").write_text("# @package _global_\nrecipe: {source: me}\n")
     (out / "ssf" / "vtab" / "gone.yaml").write_text("# @package _global_\n" + mr.MARKER + "\n")
-    assert mr.write(out) == (584 + 16 + 2 * 19 + 24, 1)
+    assert mr.write(out) == (584 + 16 + 2 * 19 + 24 + 33, 1)
     assert (out / "lora" / "synthetic" / "mine.yaml").is_file() and not (out / "ssf" / "vtab" / "gone.yaml").exists()
     assert {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml") if mr.is_generated(p)} == generated
     assert mr.main(["--check", "--out", str(out)]) == 0
@@ -133,7 +134,7 @@ def test_coverage_and_documented_gaps():
     assert per_method["vpt_deep"] == {"dmlab", "eurosat", "sun397"} | fgvc
     assert set(mr.NO_RECIPE) == {"partial", "prefix", "u_tuning", "lst", "snf", "last", "e2vpt", "vqt", "mona",
                                  "pissa", "svft"}
-    assert METHODS - {"bapat", "patt"} == set(per_method) | set(mr.NO_RECIPE)
+    assert METHODS - {"bapat", "patt", "lorand", "e3va"} == set(per_method) | set(mr.NO_RECIPE)
     for ds in vtab | fgvc:
         assert RECIPES["dora", ds]["source"].startswith("FALLBACK")
         assert RECIPES["dora", ds]["train"] == RECIPES["lora", ds]["train"]
@@ -189,3 +190,47 @@ def test_video_recipes_follow_the_backbone_family(family, expect):
         t = OmegaConf.to_container(cfg.train, resolve=True)
         assert {k: t[k] for k in expect} == expect, rel
         assert cfg.dataset.eval_views.spatial == (1 if family == "video_swin" else 3), rel
+
+
+def test_dense_recipes_are_the_mona_configs():
+    """Spec video_dense.md D-21/D-22: one loop per dense task, the same for every method (Mona on ADE20K: lr x5,
+    drop path 0.2); the mmdet/mmseg weight-decay exemptions by name."""
+    assert {m for m, _ in DENSE} == set(mr.DENSE_METHODS) and len(DENSE) == 11 * 3
+    coco, voc, ade = (DENSE["lora", d] for d in ("coco", "voc", "ade20k"))
+    assert {k: coco["train"][k] for k in ("epochs", "batch_size", "lr", "weight_decay", "drop_path", "warmup_lr")} == \
+        dict(epochs=36, batch_size=16, lr=1e-4, weight_decay=0.05, drop_path=0.3, warmup_lr=1e-7)
+    assert coco["train_extra"] == dict(schedule="step", milestones=[27, 33], warmup_steps=500,
+                                       no_decay_keys=["absolute_pos_embed", "relative_position_bias_table", "norm"])
+    assert (voc["train"]["epochs"], voc["train"]["batch_size"], voc["train"]["drop_path"]) == (4, 2, 0.2)
+    assert voc["train_extra"]["milestones"] == [3] and voc["train_extra"]["warmup_steps"] == 0
+    assert (ade["train"]["lr"], ade["train"]["weight_decay"], ade["train"]["drop_path"]) == (6e-5, 0.01, 0.3)
+    assert ade["train_extra"]["max_steps"] == 160000 and ade["train_extra"]["schedule"] == "poly"
+    mona = DENSE["mona", "ade20k"]["train"]
+    assert (mona["lr"], mona["drop_path"]) == (3e-4, 0.2) and DENSE["mona", "coco"]["train"] == coco["train"]
+    for (m, d), rec in DENSE.items():
+        if (m, d) != ("mona", "ade20k"):
+            assert rec["train"] == DENSE["lora", d]["train"], (m, d)
+
+
+def test_dense_recipe_composes_with_the_schedule_and_no_decay_groups():
+    import torch
+    from bench.optim import build_optimizer, build_scheduler, default_param_groups
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["method=lora", "dataset=dense/coco", "backbone=swin_b"])
+    t = cfg.train
+    assert (t.schedule, list(t.milestones), t.warmup_steps, t.lr) == ("step", [27, 33], 500, 1e-4)
+    model = torch.nn.Module()
+    model.layers = torch.nn.Linear(4, 4)
+    model.norm1 = torch.nn.LayerNorm(4)
+    model.relative_position_bias_table = torch.nn.Parameter(torch.zeros(9, 2))
+    groups = default_param_groups(model, 0.05, False, list(t.no_decay_keys))
+    assert [len(g["params"]) for g in groups] == [2, 3] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    opt = build_optimizer(groups, t)
+    sched = build_scheduler(opt, t, steps_per_epoch=1000)
+    lrs = []
+    for step in (0, 250, 500, 26_999, 27_000, 33_000):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-7) and lrs[2] == pytest.approx(1e-4) and lrs[1] == pytest.approx((1e-7 + 1e-4) / 2)
+    assert lrs[3] == pytest.approx(1e-4) and lrs[4] == pytest.approx(1e-5) and lrs[5] == pytest.approx(1e-6)

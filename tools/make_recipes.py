@@ -53,8 +53,9 @@ VTAB_TASKS = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit
               "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele"]
 FGVC_SETS = ["cub", "nabirds", "flowers", "dogs", "cars"]
 VIDEO_SETS = ["ssv2", "hmdb51"]
+DENSE_SETS = ["coco", "voc", "ade20k"]
 DATASET_CONFIG = {**{t: f"vtab/{t}" for t in VTAB_TASKS}, **{d: f"fgvc/{d}" for d in FGVC_SETS},
-                  **{v: f"video/{v}" for v in VIDEO_SETS}}
+                  **{v: f"video/{v}" for v in VIDEO_SETS}, **{d: f"dense/{d}" for d in DENSE_SETS}}
 
 # Folder names of the timm-train.py-style repos (SSF, GPS, HST, DTL train_scripts/vit/{vtab,fgvc}/<folder>/) and
 # the NOAH-style config names (Hydra, FacT, Convpass, RepAdapter configs/<name>.yaml) where they differ from ours.
@@ -64,6 +65,8 @@ NOAH_NAME = {"cifar100": "cifar"}
 
 TRAIN_KEYS = ["epochs", "batch_size", "optimizer", "lr", "weight_decay", "no_decay_1d", "warmup_epochs",
               "warmup_lr", "min_lr", "label_smoothing", "drop_path", "clip_grad"]
+# further train.* keys a recipe may set (the dense recipes: mmdet/mmseg schedules), written after TRAIN_KEYS
+EXTRA_TRAIN_KEYS = ["schedule", "milestones", "poly_power", "max_steps", "warmup_steps", "no_decay_keys"]
 
 # ---------------------------------------------------------------------------------------------------------
 # V-PETL Bench: synbol/Parameter-Efficient-Transfer-Learning-Benchmark@c188fad, ImageClassification/
@@ -708,6 +711,60 @@ def video_recipes() -> dict[tuple[str, str], dict]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Dense prediction (specs/video_dense.md sec. B1, D-21, D-22): Leiyi-Hu/mona's mmdet 2.11 / mmseg 0.11 configs, one
+# loop per task, the same for every method (Mona's ADE20K run alone uses lr x5 and drop path 0.2).
+DENSE_METHODS = ["full", "linear", "bitfit", "ln_tune", "partial", "adapter", "lora", "adaptformer", "mona", "lorand",
+                 "e3va"]
+DENSE_NO_DECAY = ["absolute_pos_embed", "relative_position_bias_table", "norm"]  # mmdet/mmseg paramwise decay_mult 0
+MONA = "Leiyi-Hu/mona"
+DENSE_LOOPS = {
+    "coco": dict(
+        source=f"{MONA} mmdetection Cascade Mask R-CNN Swin-B 3x COCO configs, one per method (specs/video_dense.md "
+               "sec. B1): 16 GPUs x 1 image, AdamW 1e-4 wd 0.05, 36 epochs, x0.1 "
+               "after 27 and 33, linear warm-up 500 iterations from 0.001 x lr, drop path 0.3, apex AMP",
+        train=dict(epochs=36, batch_size=16, optimizer="adamw", lr=1e-4, weight_decay=0.05, no_decay_1d=False,
+                   warmup_epochs=0.0, warmup_lr=1e-7, min_lr=0.0, label_smoothing=0.0, drop_path=0.3, clip_grad=None),
+        extra=dict(schedule="step", milestones=[27, 33], warmup_steps=500, no_decay_keys=DENSE_NO_DECAY)),
+    "voc": dict(
+        source=f"{MONA} mmdetection RetinaNet Swin-L VOC0712 configs, one per method (specs/video_dense.md sec. B1): "
+               "2 GPUs x 1 image (the logs' 24,827 iterations per epoch), RepeatDataset x3, 4 epochs (12 effective), x0.1 after "
+               "epoch 3, no warm-up, AdamW 1e-4 wd 0.05, drop path 0.2, frozen patch embedding, AMP",
+        train=dict(epochs=4, batch_size=2, optimizer="adamw", lr=1e-4, weight_decay=0.05, no_decay_1d=False,
+                   warmup_epochs=0.0, warmup_lr=1e-4, min_lr=0.0, label_smoothing=0.0, drop_path=0.2, clip_grad=None),
+        extra=dict(schedule="step", milestones=[3], warmup_steps=0, no_decay_keys=DENSE_NO_DECAY)),
+    "ade20k": dict(
+        source=f"{MONA} mmsegmentation UperNet Swin-L 512x512 160k ADE20K configs, one per method (specs/"
+               "video_dense.md sec. B1): 8 GPUs x 2 images, AdamW 6e-5 (Mona 3e-4) wd 0.01, 160k iterations, poly power 1.0 "
+               "to 0, linear warm-up 1500 iterations from 1e-6, drop path 0.3 (Mona 0.2)",
+        train=dict(epochs=1000, batch_size=16, optimizer="adamw", lr=6e-5, weight_decay=0.01, no_decay_1d=False,
+                   warmup_epochs=0.0, warmup_lr=1e-6, min_lr=0.0, label_smoothing=0.0, drop_path=0.3, clip_grad=None),
+        extra=dict(schedule="poly", poly_power=1.0, max_steps=160000, warmup_steps=1500, no_decay_keys=DENSE_NO_DECAY)),
+}
+DENSE_NOTES = {
+    "coco": ["mmdet's two training policies (multi-scale resize, or resize + 384-600 crop + resize) are "
+             "dataset.train_crop with decoder.min_size 480-800; SyncBN and apex AMP are not reproduced (BN, train.amp)"],
+    "voc": ["RepeatDataset x3 is dataset.repeat=3: one epoch here is three passes over VOC07+12 trainval"],
+    "ade20k": ["an iteration budget: train.max_steps=160000 stops the run (train.epochs is only an upper bound); "
+               "mmseg evaluates every 16k iterations and keeps the last: eval.select=last"],
+}
+
+
+def dense_recipes() -> dict[tuple[str, str], dict]:
+    out = {}
+    for ds, loop in DENSE_LOOPS.items():
+        for method in DENSE_METHODS:
+            train, extra = dict(loop["train"]), dict(loop["extra"])
+            src = loop["source"]
+            if method == "mona" and ds == "ade20k":
+                train.update(lr=3e-4, drop_path=0.2)
+                src += "; Mona's own config: lr 3e-4, drop path 0.2"
+            rec = _recipe(src, DENSE_NOTES[ds], _train(**train))
+            rec["train_extra"] = {k: extra[k] for k in EXTRA_TRAIN_KEYS if k in extra}
+            out[method, ds] = rec
+    return out
+
+
 def fallback_recipes(vpetl: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
     out = {}
     for method, why in FALLBACK_LORA.items():
@@ -723,13 +780,14 @@ def all_recipes() -> dict[tuple[str, str], dict]:
     """Every (method, dataset short name) -> recipe dict."""
     vpetl = vpetl_recipes()
     out: dict[tuple[str, str], dict] = {}
-    for part in (vpetl, spt_snell_arc_recipes(), other_recipes(), fallback_recipes(vpetl), video_recipes()):
+    for part in (vpetl, spt_snell_arc_recipes(), other_recipes(), fallback_recipes(vpetl), video_recipes(),
+                 dense_recipes()):
         overlap = set(out) & set(part)
         if overlap:
             raise ValueError(f"two tables define recipes for {sorted(overlap)[:3]}")
         out.update(part)
     for method in NO_RECIPE:  # (image recipes: a method without one may still have the shared video loop)
-        if any(m == method and ds not in VIDEO_SETS for m, ds in out):
+        if any(m == method and ds not in VIDEO_SETS + DENSE_SETS for m, ds in out):
             raise ValueError(f"{method} is listed in NO_RECIPE but has recipes")
     return dict(sorted(out.items()))
 
@@ -762,6 +820,8 @@ def render(method: str, ds: str, rec: dict) -> str:
             lines += [f"      {k}: {_scalar(v)}" for k, v in loop.items()]
     lines.append("train:")
     lines += [f"  {k}: {_scalar(rec['train'][k])}" for k in TRAIN_KEYS]
+    for k, v in (rec.get("train_extra") or {}).items():
+        lines.append(f"  {k}: [{', '.join(_scalar(x) for x in v)}]" if isinstance(v, list) else f"  {k}: {_scalar(v)}")
     if rec["dataset"]:
         lines.append("dataset:")
         for k, v in sorted(rec["dataset"].items()):
