@@ -202,17 +202,19 @@ def reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         return
     dev = params[0].device
     sizes = [p.numel() for p in params]
-    flat = torch.zeros(sum(sizes) + len(params), dtype=torch.float32, device=dev)
+    total = sum(sizes)
+    flat = torch.zeros(total + len(params), dtype=torch.float32, device=dev)
     off = 0
     for i, p in enumerate(params):
         if p.grad is not None:
             flat[off: off + sizes[i]].copy_(p.grad.detach().reshape(-1))
-            flat[sum(sizes) + i] = 1.0
+            flat[total + i] = 1.0
         off += sizes[i]
     dist.all_reduce(flat)
-    off, n = 0, sum(sizes)
+    has_grad = flat[total:].tolist()  # one device sync, not one per tensor
+    off = 0
     for i, p in enumerate(params):
-        if flat[n + i] > 0:
+        if has_grad[i] > 0:
             g = flat[off: off + sizes[i]].view_as(p).to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()

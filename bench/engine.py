@@ -199,12 +199,15 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     if world > 1:  # only rank 0 holds the run state; every rank resumes from its checkpoint
         ck = dist.broadcast_object(ck)
     if ck is not None:
+        # rank 0 holds the state folder; the other ranks got its checkpoint through the process group
+        where = state.path if state is not None else "rank 0's checkpoint"
+        folder = state.dir if state is not None else "rank 0's state folder"
         if ck.get("fingerprint") != fingerprint:
             raise run_state.ResumeError(
-                f"cannot resume from {state.path}: the method's structure after prepare differs from the "
-                f"checkpoint's (a non-deterministic prepare or changed code); delete {state.dir} or run with "
+                f"cannot resume from {where}: the method's structure after prepare differs from the "
+                f"checkpoint's (a non-deterministic prepare or changed code); delete {folder} or run with "
                 f"resume=never")
-        restore_trainable(model, ck["tensors"], state.path)
+        restore_trainable(model, ck["tensors"], where)
         method.load_state_dict(ck.get("method") or {})
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -215,7 +218,6 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         best = {**c["best"], "state": ck.get("best_state")}
         start_epoch = c["epoch"] + 1
         prep_info = {**ck.get("prepare", {}), "resume_prepare": prep_info}
-        where = state.path if state is not None else "rank 0's checkpoint"
         resumed = {"from_epoch": start_epoch, "count": int(c.get("resumed", 0)) + 1, "checkpoint": str(where)}
         log.info("resuming from %s: %d of %d epochs done", where, start_epoch, epochs)
     trainables = list({id(p): p for g in opt.param_groups for p in g["params"]}.values())
