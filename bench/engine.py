@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bench import distributed as dist
 from bench import kinds
 from bench import state as run_state
 from bench.optim import build_optimizer, build_scheduler, default_param_groups
@@ -122,16 +123,29 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     select = str(ecfg.select)
     train_role, select_role = protocol_splits(select)
     seed = int(cfg.seed)
+    kind = kinds.get(getattr(task, "kind", "image_cls")).for_task(task)
+    world, rank = dist.world_size(), dist.rank()
+    batch_size = int(tcfg.batch_size)  # the global batch (train_job checked it divides by the world size)
     train_ds = task.split(train_role)
-    train_loader = make_loader(train_ds, int(tcfg.batch_size), shuffle=True, seed=seed, drop_last=False)
+    n_train = len(train_ds)
+    train_loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed, drop_last=False,
+                               shard=(world, rank) if world > 1 else None)
     eval_bs = int(ecfg.get("batch_size", 256))
-    test_loader = make_loader(task.split("test"), eval_bs, shuffle=False)
-    select_loader = make_loader(task.split(select_role), eval_bs, shuffle=False) if select_role else None
+    shard_eval = world > 1 and kind.shardable_eval  # else every rank evaluates the whole split
+
+    def eval_loader(ds):
+        if not shard_eval:
+            return make_loader(ds, eval_bs, shuffle=False)
+        a, b = dist.shard_range(len(ds), world, rank)
+        return make_loader(ds, eval_bs, shuffle=False, indices=range(a, b))
+
+    test_loader = eval_loader(task.split("test"))
+    select_loader = eval_loader(task.split(select_role)) if select_role else None
 
     def evaluate(loader):
-        return kind.evaluate(model, loader, device, autocast, max_batch=eval_bs)
+        res = kind.evaluate(model, loader, device, autocast, max_batch=eval_bs)
+        return kind.merge_eval(dist.all_gather_object(res)) if shard_eval else res
 
-    kind = kinds.get(getattr(task, "kind", "image_cls")).for_task(task)
     metric = kind.metric
     loss_fn = kind.loss_fn(tcfg)
     model.to(device)
@@ -141,11 +155,29 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     if method.needs_prepare:
         t0 = time.perf_counter()
         prep_loader = make_loader(train_ds, int(cfg.get("prepare_batch_size", 32)), shuffle=False)
-        prep_info = dict(method.prepare(model, prep_loader, loss_fn) or {})
-        prep_info["prepare_s"] = time.perf_counter() - t0
+        if dist.is_main():
+            prep_info = dict(method.prepare(model, prep_loader, loss_fn) or {})
+            prep_info["prepare_s"] = time.perf_counter() - t0
+        if world > 1:  # rank 0's selection, rebuilt on the other ranks (or, unsupported: each one prepares)
+            selection, prep_info = dist.broadcast_object(
+                (method.selection_state() if dist.is_main() else None, prep_info))
+            if not dist.is_main():
+                if selection is not None:
+                    method.load_selection(model, selection)
+                else:
+                    method.prepare(model, prep_loader, loss_fn)
+            prep_info = {**prep_info, "selected_on": "rank 0, broadcast" if selection is not None else "every rank"}
         model.to(device)
     progress["phase"] = "setup"
+    if world > 1:  # identical trainables, buffers and RNG streams on every rank: rank 0's
+        dist.broadcast_model_state(model)
+        dist.broadcast_rng()
     fingerprint = run_state.structure_fingerprint(model)
+    if world > 1:
+        prints = dist.all_gather_object(fingerprint)
+        if len(set(prints)) != 1:
+            raise RuntimeError(f"the ranks built different structures (fingerprints {prints}): the method's "
+                               f"prepare/load_selection is not deterministic")
 
     lr, wd = float(tcfg.lr), float(tcfg.weight_decay)
     groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)),
@@ -165,13 +197,18 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     step, seen, train_time, start_epoch = 0, 0, 0.0, 0
     resumed = None
     ck = state.load() if state is not None else None
+    if world > 1:  # only rank 0 holds the run state; every rank resumes from its checkpoint
+        ck = dist.broadcast_object(ck)
     if ck is not None:
+        # rank 0 holds the state folder; the other ranks got its checkpoint through the process group
+        where = state.path if state is not None else "rank 0's checkpoint"
+        folder = state.dir if state is not None else "rank 0's state folder"
         if ck.get("fingerprint") != fingerprint:
             raise run_state.ResumeError(
-                f"cannot resume from {state.path}: the method's structure after prepare differs from the "
-                f"checkpoint's (a non-deterministic prepare or changed code); delete {state.dir} or run with "
+                f"cannot resume from {where}: the method's structure after prepare differs from the "
+                f"checkpoint's (a non-deterministic prepare or changed code); delete {folder} or run with "
                 f"resume=never")
-        restore_trainable(model, ck["tensors"], state.path)
+        restore_trainable(model, ck["tensors"], where)
         method.load_state_dict(ck.get("method") or {})
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -182,23 +219,38 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         best = {**c["best"], "state": ck.get("best_state")}
         start_epoch = c["epoch"] + 1
         prep_info = {**ck.get("prepare", {}), "resume_prepare": prep_info}
-        resumed = {"from_epoch": start_epoch, "count": int(c.get("resumed", 0)) + 1, "checkpoint": str(state.path)}
-        log.info("resuming from %s: %d of %d epochs done", state.path, start_epoch, epochs)
+        resumed = {"from_epoch": start_epoch, "count": int(c.get("resumed", 0)) + 1, "checkpoint": str(where)}
+        log.info("resuming from %s: %d of %d epochs done", where, start_epoch, epochs)
+    trainables = list({id(p): p for g in opt.param_groups for p in g["params"]}.values())
     bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"{method.name}/{task.name}", unit="it",
-               disable=not cfg.get("progress", True), leave=False, mininterval=2.0)
+               disable=not cfg.get("progress", True) or not dist.is_main(), leave=False, mininterval=2.0)
     ck_bytes = None
     for epoch in range(start_epoch, epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum, n_batches = 0.0, 0
         progress.update(epoch=epoch, phase="train")
-        for batch in train_loader:
+        for i, batch in enumerate(train_loader):
             progress["step"] = step
-            batch = kind.to_device(batch, device)
-            with autocast() if autocast else contextlib.nullcontext():
-                loss = kind.train_loss(model, batch, loss_fn, method)
-            loss_value = loss.item()
+            if world > 1:
+                # this rank's share of the global batch: its mean loss weighs n_local / n_global, so the
+                # all-reduced (summed) loss and gradients are the single-process ones on the global batch
+                n_global = dist.global_batch_size(n_train, batch_size, i)
+                a, b = dist.shard_range(n_global, world, rank)
+                weight = (b - a) / n_global
+                loss = None
+                if b > a:  # an empty share of a short last batch (a placeholder batch) is skipped
+                    batch = kind.to_device(batch, device)
+                    with autocast() if autocast else contextlib.nullcontext():
+                        loss = kind.train_loss(model, batch, loss_fn, method) * weight
+                loss_value = dist.all_reduce_sum([loss.item() if loss is not None else 0.0], device)[0]
+            else:
+                batch = kind.to_device(batch, device)
+                with autocast() if autocast else contextlib.nullcontext():
+                    loss = kind.train_loss(model, batch, loss_fn, method)
+                loss_value = loss.item()
+                n_global = kind.batch_size(batch)
             if not math.isfinite(loss_value):
                 raise TrainingFailure({
                     "reason": "non_finite_loss", "type": "NonFiniteLoss", "value": str(loss_value),
@@ -206,8 +258,10 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
                                f"train.clip_grad or check the data", "epoch": epoch, "step": step + 1,
                     "phase": "train"})
             opt.zero_grad(set_to_none=True)
-            method.before_backward(model, loss)
-            loss.backward()
+            if loss is not None:
+                method.before_backward(model, loss)
+                loss.backward()
+            dist.reduce_gradients(trainables)
             method.after_backward(model)
             if clip:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], float(clip))
@@ -216,7 +270,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
             method.after_step(model, opt)
             step += 1
             sched.step_update(step)
-            seen += kind.batch_size(batch)
+            seen += n_global
             loss_sum += loss_value
             n_batches += 1
             bar.update(1)

@@ -150,30 +150,54 @@ def preflight_build(cfg: DictConfig) -> None:
 
 
 def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
+    """One training job; under ``torchrun`` every process runs it (``bench.distributed``): rank 0 alone writes
+    the record and the checkpoints, and all processes leave the process group at the end."""
+    from bench import distributed
+
+    device = distributed.local_device(env.resolve_device(str(cfg.device)))
+    dcfg = cfg.get("dist") or {}
+    world = distributed.env_world_size()
+    if world > 1 and int(cfg.train.batch_size) % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the "
+                         f"{world} processes: pick a multiple of {world} or another --nproc_per_node")
+    distributed.setup(device, str(dcfg.get("backend", "auto")), float(dcfg.get("timeout_min", 60)))
+    ok = False
+    try:
+        rec = _train_job(cfg, overrides, device)
+        ok = True
+        return rec
+    finally:
+        distributed.shutdown(wait=ok)
+
+
+def _train_job(cfg: DictConfig, overrides: list[str], device: torch.device) -> dict:
     import backbones
     import datasets
     from bench import checks
     from bench.engine import train_and_evaluate
     from bench.loggers import build_logger
     from bench.results import write_record
+    from bench import distributed
     from bench.state import RunState, config_hash
 
+    main = distributed.is_main()
     t_start = time.perf_counter()
     checks.check_values(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(resolved)
     if cfg.get("skip_done"):
-        done = find_done(cfg.results.dir, chash)
+        done = distributed.broadcast_object(find_done(cfg.results.dir, chash) if main else None)
         if done is not None:
-            print(f"[skip] config {chash} already done: {done['_path']}")
+            if main:
+                print(f"[skip] config {chash} already done: {done['_path']}")
             return {**done, "skipped": True}
     checks.preflight(cfg)
-    device = env.resolve_device(str(cfg.device))
     seed_everything(int(cfg.seed))
     preflight_build(cfg)
     b = cfg.backbone
     kinds.get(str(cfg.dataset.get("kind", "image_cls"))).check_backbone(str(b.family), b.name, cfg.dataset.name)
-    task = datasets.build(cfg.dataset, image_size=int(b.img_size), mean=list(b.mean), std=list(b.std))
+    with distributed.main_first():  # rank 0 generates/caches the data, the others read its cache
+        task = datasets.build(cfg.dataset, image_size=int(b.img_size), mean=list(b.mean), std=list(b.std))
     if task.num_classes != int(cfg.dataset.num_classes):
         raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but {task.name} has {task.num_classes} classes")
     seed_everything(int(cfg.seed))
@@ -182,7 +206,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     variant = method_variant(overrides)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_name = f"{method.name}{'[' + variant + ']' if variant else ''}/{task.name}/{b.name}/seed{cfg.seed}"
-    logger = build_logger(cfg.get("logger", "none"), resolved, run_name)
+    run_id = distributed.broadcast_object(run_id)
+    logger = build_logger(cfg.get("logger", "none") if main else "none", resolved, run_name)
     log.info("run %s on %s: %d trainable params (+%d head)", run_name, device, counts["trainable_params"], counts["head_params"])
 
     if cfg.get("recipe"):
@@ -190,7 +215,9 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
     else:
         log.warning("no recipe for method %s on dataset %s (no conf/recipe/%s/%s.yaml): using the method's "
                     "defaults", method.name, task.name, method.name, task.name)
-    state = RunState(cfg.results.dir, chash, run_id, resume=str(cfg.get("resume", "auto")) == "auto")
+    # only rank 0 holds the state folder (lock, epoch checkpoints); the engine sends its checkpoint to the others
+    state = RunState(cfg.results.dir, chash, run_id, resume=str(cfg.get("resume", "auto")) == "auto") if main else None
+    dist_info = distributed.info()
     base = {
         "schema": 1, "run_id": run_id, "config_hash": chash, "benchmark": task.benchmark, "dataset": task.name,
         "backbone": b.name, "method": method.name, "variant": variant, "seed": int(cfg.seed),
@@ -200,6 +227,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         with sigterm_as_interrupt():
             out = train_and_evaluate(model, method, task, cfg, device, logger, state=state)
     except KeyboardInterrupt:
+        if state is None:
+            raise
         state.release(remove=not state.shared)
         where = f"{state.path} (rerun the same command to resume)" if state.path.exists() and state.shared else \
             "no checkpoint yet"
@@ -211,9 +240,12 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
                "failure": info, "metric": None, "score": None,
                **count_params(model, backbones.head_of(model)),
                "protocol": {"select": str(cfg.eval.select), "test_selected": str(cfg.eval.select) == "best_test"},
-               "perf": {"wall_s": time.perf_counter() - t_start},
+               "perf": {"wall_s": time.perf_counter() - t_start, **({"distributed": dist_info} if dist_info else {})},
                "env": {"versions": env.versions(), "git": env.git_state(), "device": env.device_info(device)},
                "overrides": list(overrides), "config": resolved}
+        if not main:
+            raise RunFailed(f"run failed: {info['message']} (rank {distributed.rank()}; rank 0 writes the record)",
+                            rec) from e
         path = write_record(cfg.results.dir, rec)
         state.release(remove=not state.shared)  # the shared last.pt stays: a fixed re-run resumes from it
         log.error("run %s failed: %s", run_name, info["message"])
@@ -253,7 +285,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         },
         "perf": {"peak_mem_mb": out["peak_mem_mb"], "peak_mem_kind": out["peak_mem_kind"],
                  "train_images_per_s": out["train_images_per_s"], "train_s": out["train_s"],
-                 "wall_s": time.perf_counter() - t_start, "steps": out["steps"]},
+                 "wall_s": time.perf_counter() - t_start, "steps": out["steps"],
+                 **({"distributed": dist_info} if dist_info else {})},
         "recipe": resolved.get("recipe"),
         "method_info": out["prepare"],
         "resumed": out["resumed"],
@@ -264,6 +297,8 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> dict:
         "overrides": list(overrides),
         "config": resolved,
     }
+    if not main:
+        return rec
     path = write_record(cfg.results.dir, rec)
     state.release(remove=True)
     logger.finish({metric: score, "ppt": rec["ppt"]})

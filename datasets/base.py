@@ -69,16 +69,35 @@ def _identity(batch):
     return batch
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                shard: Optional[tuple[int, int]] = None, indices: Optional[Sequence[int]] = None) -> DataLoader:
     """A single-process loader; a dataset's own ``collate(samples)`` (dense tasks: lists of images/targets,
-    padded batches) is its collate_fn, else batched datasets (``__getitems__``) pass their batch through."""
+    padded batches) is its collate_fn, else batched datasets (``__getitems__``) pass their batch through.
+
+    ``shard=(world, rank)`` (multi-process runs, ``bench.distributed``): the same batches in the same order
+    (same generator draws), each cut to this rank's contiguous slice; ``len`` is unchanged. ``indices``: only
+    these examples, in this order (an evaluation shard)."""
     g = torch.Generator()
     g.manual_seed(seed)
     collate = getattr(ds, "collate", None)
     if collate is None and hasattr(ds, "__getitems__"):
         collate = _identity
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                      num_workers=0, collate_fn=collate)
+    if indices is not None:
+        from torch.utils.data import BatchSampler
+
+        return DataLoader(ds, batch_sampler=BatchSampler(list(indices), batch_size, False), num_workers=0,
+                          collate_fn=collate)
+    if shard is None or int(shard[0]) <= 1:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+                          num_workers=0, collate_fn=collate)
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    from bench.distributed import ShardedBatchSampler
+
+    # the DataLoader draws its base seed from ``g`` and then RandomSampler its permutation, as above
+    base = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
+    sampler = ShardedBatchSampler(BatchSampler(base, batch_size, drop_last), int(shard[0]), int(shard[1]))
+    return DataLoader(ds, batch_sampler=sampler, generator=g, num_workers=0, collate_fn=collate)
 
 
 @dataclass

@@ -68,6 +68,17 @@ class Method:
         """Return a dict of facts to store in the result record (e.g. timings)."""
         return {}
 
+    # multi-process runs: rank 0 runs ``prepare``, the other ranks rebuild its result from this state
+    # (``bench.distributed``); None = not supported, then every rank runs ``prepare`` itself
+    def selection_state(self) -> Any:
+        """What ``prepare`` selected (picklable: masks, indices, structure), or None."""
+        return None
+
+    def load_selection(self, model: nn.Module, state: Any) -> None:
+        """Build on ``model`` (after ``apply``) the structure that ``prepare`` built from ``state``
+        (``selection_state()`` of the rank that ran it); tensor values are sent separately."""
+        raise NotImplementedError
+
     # -- 3. per-step hooks ------------------------------------------------------------------
     def training_loss(self, model: nn.Module, x, y, logits, loss):
         """The loss to minimise this step, given the task loss of ``logits`` (default: ``loss`` itself)."""

@@ -164,14 +164,23 @@ class GPS(Method):
         acc, n_img = accumulate_grads(model, weights, train_loader, loss_of,
                                       None if self.batches is None else int(self.batches))
         zero = 0
+        self.selected = []
         for (parent, attr), a in zip(targets, acc):
             score = a.abs().reshape(a.shape[0], -1)
             zero += int((score.sum(1) == 0).sum())
             mod = getattr(parent, attr)
             setattr(parent, attr, self._wrap(mod, topk_per_row(score, self.k)))
+            self.selected.append(getattr(parent, attr).weight_index.detach().cpu())
         if zero:
             log.warning("GPS: %d output rows got an all-zero gradient score (ties broken by column order)", zero)
         return {"gps_loss": self.loss, "gps_images": n_img, "gps_zero_rows": zero, "gps_s": time.perf_counter() - t0}
+
+    def selection_state(self):
+        return getattr(self, "selected", None)
+
+    def load_selection(self, model, state):
+        for (parent, attr), idx in zip(self._targets(model, self.sites), state):
+            setattr(parent, attr, self._wrap(getattr(parent, attr), idx))
 
     def param_groups(self, model, lr, weight_decay):
         deltas = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("delta")]

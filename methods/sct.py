@@ -80,6 +80,14 @@ class SCT(Method):
             k = resolve_channels(self.get("channels", 0.125), b.dim)
             self.adapters.append(b.extend("mid", ChannelAdapter(b.dim, k, self.scale, device=b.norm2.weight.device)))
 
+    def selection_state(self):
+        return [a.index.detach().cpu() for a in self.adapters]
+
+    @torch.no_grad()
+    def load_selection(self, model, state):
+        for a, idx in zip(self.adapters, state):
+            a.index.copy_(idx.to(a.index.device))
+
     @torch.no_grad()
     def prepare(self, model, train_loader, loss_fn) -> dict:
         t0 = time.perf_counter()

@@ -729,6 +729,14 @@ class _SPT(Method):
                                  "sensitivity_path": str(path) if path else None, "sensitivity_images": images})
         return dict(self.info)
 
+    def selection_state(self):
+        return {"selection": self.selection if self.built else None, "info": dict(self.info)}
+
+    def load_selection(self, model, state):
+        if not self.built:  # built in apply (method.sensitivity=FILE) on every rank alike otherwise
+            self._build(model, state["selection"], {})
+        self.info = dict(state["info"])
+
     # -- optimisation ---------------------------------------------------------------------
     def param_groups(self, model, lr, weight_decay):
         decay, no_decay = [], []

@@ -38,6 +38,14 @@ class TaskKind:
                  autocast: Optional[Callable] = None, max_batch: Optional[int] = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    # multi-process runs (``bench.distributed``): True when ``evaluate`` on disjoint shards of a split can be
+    # combined exactly by ``merge_eval``; otherwise every rank evaluates the whole split (dense kinds)
+    shardable_eval: bool = False
+
+    def merge_eval(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One result over the whole split from ``evaluate``'s results on disjoint shards."""
+        raise NotImplementedError
+
     families: Optional[tuple[str, ...]] = None  # backbone families that take this kind's inputs (None = any)
 
     def check_backbone(self, family: str, backbone: str, dataset: str) -> None:

@@ -55,6 +55,20 @@ class Classification(TaskKind):
                 "views": views or 1}
 
 
+    shardable_eval = True
+
+    def merge_eval(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Shards' results → the whole split's: top-k are exact counts (``100·correct/n`` recovered by rounding),
+        the loss is the n-weighted mean."""
+        seen = sum(int(p["n"]) for p in parts)
+        n = max(seen, 1)
+        c1 = sum(round(p["top1"] * int(p["n"]) / 100.0) for p in parts)
+        c5 = sum(round(p["top5"] * int(p["n"]) / 100.0) for p in parts)
+        loss = sum(p["loss"] * int(p["n"]) for p in parts)
+        views = next((p["views"] for p in parts if int(p["n"])), 1)
+        return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": seen, "views": views}
+
+
 class ImageClassification(Classification):
     name = "image_cls"
     families = ("vit", "swin", "convnext")
