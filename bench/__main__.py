@@ -11,7 +11,7 @@ from bench.cli import friendly_errors
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task)
@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> None:
                 checks.preflight(cfg)
         from bench.run import run
 
-        run(cfg, overrides)
+        # the record (or params report): a multirun's JobReturn carries it back to the launcher process
+        return run(cfg, overrides)
 
 
 if __name__ == "__main__":

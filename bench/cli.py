@@ -28,6 +28,15 @@ class RunFailed(RuntimeError):
         self.record = record
         super().__init__(message)
 
+    def __reduce__(self):  # pickled back from joblib/submitit workers inside the failed JobReturn
+        return type(self), (str(self), self.record)
+
+
+class BadInput(RuntimeError):
+    """A multirun job's config is wrong (nothing trained, no record): an ordinary exception, so that Hydra marks
+    that job failed and goes on with the others (a ``SystemExit`` would end the sweep or kill a submitit job
+    before its result is written)."""
+
 
 EXIT_BAD_INPUT = 2     # a config key/value, file or folder is wrong: nothing was trained, no record
 EXIT_RUN_FAILED = 3    # training failed (non-finite loss, out of memory, exception): a failed record was written
@@ -48,8 +57,8 @@ def _multirun() -> bool:
 def friendly_errors():
     """Expected errors become one ``error: ...`` line on stderr (its last line) and an exit status.
 
-    In a multirun a failed training run (its record written) is re-raised as an ordinary exception so that
-    Hydra goes on with the other jobs and the sweep still exits non-zero at the end."""
+    In a multirun a failed training run (its record written) is re-raised, and a bad input becomes ``BadInput``:
+    ordinary exceptions, so that Hydra goes on with the other jobs and the sweep still exits non-zero at the end."""
     try:
         yield
     except RunFailed as e:
@@ -64,6 +73,8 @@ def friendly_errors():
                 or isinstance(e, _expected()):
             msg = " ".join(str(e).split("\n")) if isinstance(e, ValueError) else str(e)
             print(f"error: {msg}", file=sys.stderr)
+            if _multirun():
+                raise BadInput(msg) from None
             raise SystemExit(EXIT_BAD_INPUT) from None
         raise
 
