@@ -48,7 +48,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
                 "created": r.get("created", ""), "run_id": r.get("run_id", ""),
                 "epochs": (proto.get("schedule") or {}).get("epochs"),
                 "views": proto.get("views", 1),
-                "config_hash": (r.get("config_hash") or "") and f"{r['config_hash']}:{metric}",
+                "config_hash": r.get("config_hash") or "",
                 "kind": r.get("kind", "image_cls"),
                 "mem_mb": perf.get("peak_mem_mb"), "mem_kind": perf.get("peak_mem_kind"),
             })
@@ -59,7 +59,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
     # a re-run of the same configuration (same config hash; else same keys, schedule and seed) replaces the older
     df = df.sort_values(["created", "run_id"])
     hashed = df["config_hash"] != ""
-    df = pd.concat([df[hashed].drop_duplicates("config_hash", keep="last"), df[~hashed]]).sort_values(["created", "run_id"])
+    df = pd.concat([df[hashed].drop_duplicates(["config_hash", "metric"], keep="last"), df[~hashed]]).sort_values(["created", "run_id"])
     df = df.drop_duplicates(KEYS + ["epochs", "seed"], keep="last")
     return label_schedules(df).reset_index(drop=True)
 
