@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench import kinds
+from bench import kinds, placement
 from bench import state as run_state
 from bench.optim import build_optimizer, build_scheduler, default_param_groups
 from datasets.base import Task, make_loader
@@ -123,7 +123,8 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     train_role, select_role = protocol_splits(select)
     seed = int(cfg.seed)
     train_ds = task.split(train_role)
-    train_loader = make_loader(train_ds, int(tcfg.batch_size), shuffle=True, seed=seed, drop_last=False)
+    train_loader, placed = placement.train_loader(train_ds, int(tcfg.batch_size), seed, device, tcfg,
+                                                  getattr(task, "kind", "image_cls"))  # DataLoader or device path
     eval_bs = int(ecfg.get("batch_size", 256))
     test_loader = make_loader(task.split("test"), eval_bs, shuffle=False)
     select_loader = make_loader(task.split(select_role), eval_bs, shuffle=False) if select_role else None
@@ -146,6 +147,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         model.to(device)
     progress["phase"] = "setup"
     fingerprint = run_state.structure_fingerprint(model)
+    placed.update(placement.prepare_model(model, device, tcfg))  # train.channels_last, train.compile
 
     lr, wd = float(tcfg.lr), float(tcfg.weight_decay)
     groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)))
@@ -279,6 +281,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         "prepare": prep_info,
         "resumed": resumed,
         "checkpoint_bytes": ck_bytes,
+        "placement": placed,
         "splits": {"train": task.roles[train_role], "select": task.roles.get(select_role) if select_role else None,
                    "test": task.roles["test"]},
     }
