@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bench import distributed as dist
-from bench import kinds
+from bench import kinds, placement
 from bench import state as run_state
 from bench.optim import build_optimizer, build_scheduler, default_param_groups
 from datasets.base import Task, make_loader
@@ -128,8 +128,9 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
     batch_size = int(tcfg.batch_size)  # the global batch (train_job checked it divides by the world size)
     train_ds = task.split(train_role)
     n_train = len(train_ds)
-    train_loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed, drop_last=False,
-                               shard=(world, rank) if world > 1 else None)
+    train_loader, placed = placement.train_loader(train_ds, batch_size, seed, device, tcfg,  # DataLoader or device path
+                                                  getattr(task, "kind", "image_cls"),
+                                                  shard=(world, rank) if world > 1 else None)
     eval_bs = int(ecfg.get("batch_size", 256))
     shard_eval = world > 1 and kind.shardable_eval  # else every rank evaluates the whole split
 
@@ -178,6 +179,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         if len(set(prints)) != 1:
             raise RuntimeError(f"the ranks built different structures (fingerprints {prints}): the method's "
                                f"prepare/load_selection is not deterministic")
+    placed.update(placement.prepare_model(model, device, tcfg))  # train.channels_last, train.compile
 
     lr, wd = float(tcfg.lr), float(tcfg.weight_decay)
     groups = method.param_groups(model, lr, wd) or default_param_groups(model, wd, bool(tcfg.get("no_decay_1d", False)),
@@ -334,6 +336,7 @@ def _train_and_evaluate(model, method, task, cfg, device, logger, state, progres
         "prepare": prep_info,
         "resumed": resumed,
         "checkpoint_bytes": ck_bytes,
+        "placement": placed,
         "splits": {"train": task.roles[train_role], "select": task.roles.get(select_role) if select_role else None,
                    "test": task.roles["test"]},
     }

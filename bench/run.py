@@ -286,6 +286,7 @@ def _train_job(cfg: DictConfig, overrides: list[str], device: torch.device) -> d
         "perf": {"peak_mem_mb": out["peak_mem_mb"], "peak_mem_kind": out["peak_mem_kind"],
                  "train_images_per_s": out["train_images_per_s"], "train_s": out["train_s"],
                  "wall_s": time.perf_counter() - t_start, "steps": out["steps"],
+                 "placement": out.get("placement"),
                  **({"distributed": dist_info} if dist_info else {})},
         "recipe": resolved.get("recipe"),
         "method_info": out["prepare"],

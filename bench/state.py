@@ -3,8 +3,9 @@
 Config hash
     ``config_hash(resolved)`` = sha256 of the resolved config as canonical JSON (sorted keys) minus the keys
     that cannot change a result (``NON_RESULT_KEYS``: progress bars, logger, device, CPU threads, the results
-    folder, the caches, ``resume``/``skip_done`` themselves, ``mode`` and the process-group settings ``dist``:
-a torchrun run trains on the same global batch), first 16 hex digits. Paths inside
+    folder, the caches, ``resume``/``skip_done`` themselves, ``mode``, the process-group settings ``dist`` (a
+    torchrun run trains on the same global batch) and the placement switches
+    ``train.data_on_device``/``channels_last``/``compile``), first 16 hex digits. Paths inside
     the repository (e.g. the shipped ``vit_micro`` weights, resolved to an absolute path) are hashed relative
     to it, so clones in different folders agree. ``device`` is left out on purpose: a run interrupted on one
     machine may be continued on another, and a sweep re-launched elsewhere should still skip finished jobs;
@@ -49,7 +50,9 @@ log = logging.getLogger("bench")
 
 # dotted keys of the resolved config that never change a result (see the module docstring)
 NON_RESULT_KEYS = ("progress", "logger", "device", "threads", "results.dir", "cache_dir", "resume", "skip_done",
-                   "mode", "dataset.cache_dir", "dataset.decode_workers", "dist")
+                   "mode", "dataset.cache_dir", "dataset.decode_workers", "dist",
+                   # where the data and model live (bench/placement.py): speed switches, like ``device``
+                   "train.data_on_device", "train.channels_last", "train.compile")
 CHECKPOINT = "last.pt"
 
 

@@ -23,7 +23,9 @@ possible the (coarser) ``ru_maxrss`` − baseline is reported and the memory col
 
 Output: a markdown table (``--out``, default ``results/step_time.md``, written atomically) with the
 trainable parameters, ms/step, ratios to ``full`` and ``linear`` (when they were measured), and peak
-memory; one JSON line per method on stdout.
+memory; the same results as JSON beside it (``--json``, default the ``--out`` path with ``.json``: what
+``tools.estimate_sweep --table`` reads); one JSON line per method on stdout. On a GPU:
+``python -m tools.bench_step --device cuda --out results/step_time_cuda.md`` (bf16 autocast).
 """
 from __future__ import annotations
 
@@ -174,7 +176,8 @@ def measure(method: str, backbone: str, batch: int, steps: int, warmup: int, dev
         peak = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - max(base_ru, base_rss or 0.0))
     return {
         "method": method, "backbone": cfg.backbone.name, "batch": batch, "img_size": size,
-        "device": str(device), "dtype": "bf16-autocast" if cuda else "fp32",
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "dtype": "bf16-autocast" if cuda else "fp32",
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "trainable_params": counts["trainable_params"], "head_params": counts["head_params"],
         "ms_per_step": statistics.median(times), "ms_mean": statistics.fmean(times), "ms_all": times,
@@ -262,6 +265,17 @@ def render(results: list[dict], a: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_json(results: list[dict], a: argparse.Namespace) -> str:
+    """The table's facts for ``tools.estimate_sweep``: {"meta": {backbone, batch, img_size, device, ...}, "results"}."""
+    first = next((r for r in results if "error" not in r), {})
+    meta = {"backbone": a.backbone, "batch": a.batch, "img_size": first.get("img_size"),
+            "device": first.get("device", a.device), "device_name": first.get("device_name"),
+            "dtype": first.get("dtype"), "threads": first.get("threads"), "steps": a.steps, "warmup": a.warmup,
+            "overrides": list(a.set or []),
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
@@ -271,6 +285,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="results/step_time.md", help="markdown table path")
+    p.add_argument("--json", default=None, help="machine-readable results for tools.estimate_sweep (default: --out "
+                                               "with .json)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--prepare-batches", type=int, default=2, help="random batches for data-dependent methods")
@@ -310,7 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True)
     path = write_text_atomic(Path(a.out), render(results, a))
-    print(f"wrote {path}")
+    jpath = write_text_atomic(Path(a.json) if a.json else Path(a.out).with_suffix(".json"), to_json(results, a))
+    print(f"wrote {path} and {jpath}")
     return 0 if all("error" not in r for r in results) else 1
 
 
