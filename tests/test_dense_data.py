@@ -106,7 +106,7 @@ def test_strict_keys_accept_dense_yaml_keys_and_reject_typos():
 
 
 def test_coco_reader_mapping_boxes_crowd_masks_and_filters(coco_root):
-    task = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False)
+    task = build("dense/coco", root=str(coco_root), num_classes=3, train_flip=False, train_crop=None)
     assert task.info["class_names"] == COCO_CLASS_NAMES and task.info["category_ids"] == [1, 3, 18]
     assert task.info["num_images"] == {"train2017": 2, "val2017": 2} and task.info["masks"] is True
     train, test = task.split("train"), task.split("test")

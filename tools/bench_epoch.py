@@ -129,24 +129,22 @@ def measure(path: str, a: argparse.Namespace) -> dict:
         sched.step_update(counter["step"])
         return value
 
-    def epoch() -> float:
+    def timed(batches) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        for batch in loader:
+        for batch in batches:
             step(batch)
         _sync(device)
         return time.perf_counter() - t0
+
+    def epoch() -> float:
+        return timed(loader)
 
     prebuilt = [tuple(t.to(device) for t in kind.to_device(b, device)) for b in loader]  # one epoch, on the device
     _sync(device)
 
     def pure() -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        for batch in prebuilt:
-            step(batch)
-        _sync(device)
-        return time.perf_counter() - t0
+        return timed(prebuilt)
 
     def data_only() -> float:  # the data path alone: iterate the loader, batches to the device, no model
         _sync(device)
