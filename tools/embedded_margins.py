@@ -90,7 +90,7 @@ def check(scores: dict[str, list[float]], chance: float | None = None) -> list[d
 
 def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], seconds: float, data: str,
            task: str = "image", chance: float | None = None, run_s: list[float] | None = None,
-           dataset: str | None = None, metric: str = "top-1 %", header: bool = True) -> str:
+           dataset: str | None = None, metric: str = "top-1 %", header: bool = True, reused: int = 0) -> str:
     default_dataset, backbone, _ = TASKS[task]
     dataset = dataset or default_dataset
     flag = "" if task == "image" else f" --task {task}"
@@ -101,7 +101,9 @@ def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], s
         lines += [f"## `{dataset}` ({metric})", ""]
     lines += [f"- dataset `{dataset}` ({data}), backbone `{backbone}`, "
              f"seeds {', '.join(map(str, seeds))}, default recipe" + (f", overrides `{' '.join(extra)}`" if extra else ""),
-             f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine)"]
+             f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine"
+             + (f"; {reused} of {len(seeds) * len(ARMS)} runs reused from existing records (skip_done), their "
+                "wall times are the original runs'" if reused else "") + ")"]
     if run_s:
         lines.append(f"- wall time of one run of the default job (lora, pretrained): {min(run_s):.1f}-{max(run_s):.1f} s")
     lines += [""]
@@ -111,7 +113,7 @@ def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], s
     for arm, _ in ARMS:
         m, s = mean_std(scores[arm])
         lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in scores[arm]) + f" | {m:.2f} ± {s:.2f} |")
-    lines += ["", f"| claim | margin ({'pp' if task != 'dense' else metric.split()[0] + ' points'}) | larger std | holds |",
+    lines += ["", f"| claim | margin ({'pp' if task != 'dense' else metric + ' points'}) | larger std | holds |",
               "|---|---:|---:|---|"]
     for r in check(scores, chance):
         lines.append(f"| {r['better']} > {r['worse']} | {r['margin']:.2f} | {r['std']:.2f} | "
@@ -156,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data = f"{d.num_classes} classes, {d.sizes.train} train / {d.sizes.test:,} test"
             chance = 100.0 / int(d.num_classes) if a.task == "video" else None
             metric = {"detection": "box AP", "segmentation": "mIoU"}.get(str(d.get("kind")), "top-1 %")
-            run_s = []
+            run_s, reused = [], 0
             for arm, over in ARMS:
                 shared = a.shared_records and "backbone.checkpoint=null" not in over
                 for seed in seeds:
@@ -166,11 +168,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         overrides.append("skip_done=true")
                     rec = run(compose("config", overrides=overrides), overrides)
                     scores[arm].append(float(rec["score"]))
+                    reused += bool(rec.get("skipped"))
                     if arm == ARMS[-1][0]:
                         run_s.append(float(rec["perf"]["wall_s"]))
             dense = a.task == "dense"
             texts.append(render(scores, seeds, a.extra, time.perf_counter() - (t1 if dense else t0), data, a.task,
-                                chance, run_s if (chance or dense) else None, ds, metric, header=n == 0))
+                                chance, run_s if (chance or dense) else None, ds, metric, header=n == 0,
+                                reused=reused))
             holds = holds and all(r["holds"] for r in check(scores, chance))
     text = "\n".join(texts)
     write_text_atomic(Path(a.out), text)
