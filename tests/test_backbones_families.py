@@ -16,6 +16,7 @@ from bench import CONF_DIR
 from helpers import build, images, trainable, vit_b16_params
 
 SWIN = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "backbone" / "swin_micro.yaml"))
+SWIN["checkpoint"] = None  # random init (the yaml ships the fractal-pretrained weights)
 CONVNEXT = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "backbone" / "convnext_micro.yaml"))
 TINY = {"swin": SWIN, "convnext": CONVNEXT}
 

@@ -396,7 +396,8 @@ def test_shapes_generation_is_deterministic_tight_and_consistent():
 
 
 def test_shapes_tasks_items(tmp_path):
-    det = build("synthetic/shapes_det", root=str(tmp_path), sizes={"train": 6, "test": 4})
+    assert not build("synthetic/shapes_det", root=str(tmp_path), sizes={"train": 6, "test": 4}).info["masks"]  # retinanet
+    det = build("synthetic/shapes_det", root=str(tmp_path), sizes={"train": 6, "test": 4}, masks=True)
     assert det.kind == "detection" and det.info["masks"] and det.info["class_names"] == ["disc", "square", "triangle"]
     img, t = det.split("test")[0]
     assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1

@@ -35,3 +35,20 @@ def test_video_arms_compare_lora_on_pretrained_and_random_and_with_chance():
         assert "`synthetic/moving_dsprites`" in text and "--task video" in text and "50.0-50.0 s" in text
     finally:
         em.use_task("image")
+
+
+def test_dense_arms_pretrained_vs_random_for_linear_and_lora():
+    em.use_task("dense")
+    try:
+        arms = [a for a, _ in em.ARMS]
+        assert arms == ["linear, random init", "linear, pretrained", "lora, random init", "lora, pretrained"]
+        assert all(set(em.DENSE_TRAIN) <= set(over) for _, over in em.ARMS)  # one schedule for every arm
+        rows = em.check({arms[0]: [5.0, 6.0, 7.0], arms[1]: [10.0, 11.0, 12.0], arms[2]: [5.0, 8.0, 11.0],
+                         arms[3]: [9.0, 10.0, 11.0]})
+        assert [(r["better"], r["worse"]) for r in rows] == [(arms[1], arms[0]), (arms[3], arms[2])]
+        assert rows[0]["holds"] and rows[1]["margin"] == 2.0 and rows[1]["std"] == 3.0 and not rows[1]["holds"]
+        text = em.render({a: [1.0] for a in arms}, [0], [], 60.0, "4 classes", "dense", None, [40.0],
+                         "synthetic/shapes_seg", "mIoU")
+        assert "## `synthetic/shapes_seg` (mIoU)" in text and "--task dense" in text and "margin (mIoU points)" in text
+    finally:
+        em.use_task("image")

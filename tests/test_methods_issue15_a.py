@@ -12,6 +12,7 @@ from bench.run import params_report
 from helpers import TINY_VIT, build, compose_cfg, images, trainable, vit_b16_params
 
 SWIN = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "backbone" / "swin_micro.yaml"))
+SWIN["checkpoint"] = None  # random init (the yaml ships the fractal-pretrained weights)
 
 
 def mona_module(c, bottleneck=64):

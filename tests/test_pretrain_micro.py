@@ -48,3 +48,53 @@ def test_committed_checkpoint_matches_its_json_and_loads():
     saved = load_file(str(OUT))
     own = model.state_dict()
     assert len(saved) == len(own) - 2 and all(torch.equal(own[k], v.float()) for k, v in saved.items())
+
+
+def _swin_cfg(checkpoint):
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / "swin_micro.yaml")
+    cfg.checkpoint = str(checkpoint)
+    return cfg
+
+
+def _assert_swin_loads(path):
+    """A timm-layout swin_micro file: the image Swin takes every tensor; the dense Swin-Det every tensor but the
+    classification ``norm.*`` (its per-stage norm0/norm1 are new, identity)."""
+    from safetensors.torch import load_file
+
+    from backbones.swin_det import build_swin_det
+
+    saved = load_file(str(path))
+    assert not any(k.startswith("head.") for k in saved) and "norm.weight" in saved
+    own = backbones.build(_swin_cfg(path), num_classes=7).state_dict()
+    assert all(torch.equal(own[k], v.float()) for k, v in saved.items())
+    det = build_swin_det(_swin_cfg(path), out_indices=[0, 1]).state_dict()
+    body = {k: v for k, v in saved.items() if not k.startswith("norm.")}
+    assert body and all(torch.equal(det[k], v.float()) for k, v in body.items())
+    assert torch.equal(det["norm0.weight"], torch.ones(16)) and torch.equal(det["norm1.bias"], torch.zeros(32))
+    return saved
+
+
+def test_swin_micro_pretraining_is_reproducible_and_loads_dense_and_image(tmp_path):
+    args = ["--backbone", "swin_micro", "--colour", "--classes", "3", "--per-class", "8", "--epochs", "1",
+            "--batch", "16"]
+    a = main(args + ["--out", str(tmp_path / "a.safetensors")])
+    b = main(args + ["--out", str(tmp_path / "b.safetensors")])
+    assert a["sha256"] == b["sha256"] and a["backbone"] == "swin_micro"
+    assert a["training"]["steps"] == 2 and "random colours" in a["training"]["augment"]
+    _assert_swin_loads(tmp_path / "a.safetensors")
+
+
+def test_committed_swin_micro_checkpoint_is_the_default_and_matches_its_json():
+    import hashlib
+
+    from tools.pretrain_micro import default_out
+
+    path = default_out("swin_micro")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["sha256"] and meta["backbone"] == "swin_micro"
+    assert meta["generator"]["classes"] >= 100 and meta["heldout_top1"] > 10.0  # far above 1 % chance
+    assert path.stat().st_size < 300_000
+    from tests.helpers import compose_cfg
+
+    assert compose_cfg(["backbone=swin_micro"]).backbone.checkpoint == str(path)  # the yaml's default
+    _assert_swin_loads(path)

@@ -12,9 +12,17 @@ The claim checked: pretrained linear > random linear, and lora > pretrained line
     python -m tools.embedded_margins                 # writes results/embedded/margins.md (about 4 min)
     python -m tools.embedded_margins --task video    # writes results/embedded_video/margins.md
     python -m tools.embedded_margins --set train.epochs=2 --out /tmp/m.md
+    python -m tools.embedded_margins --task dense    # results/embedded_dense/margins.md (shapes_det + shapes_seg)
+
+``--task dense``: ``swin_micro`` (FractalDB-pretrained, ``backbone.checkpoint=null`` for random) on
+``synthetic/shapes_det`` (box AP) and ``synthetic/shapes_seg`` (mIoU), four arms each — linear (frozen backbone,
+trainable decoder) and lora, each on a random and on the pretrained backbone — with the embedded dense schedule
+(``DENSE_TRAIN``, the lora recipe's values, given to every arm); claims: pretrained > random for both methods.
 
 Records go to a scratch results folder (``--records``, default a temporary one) so the random-init arm
-never mixes with the pretrained ``vit_micro`` rows of the embedded leaderboard.
+never mixes with the pretrained ``vit_micro`` rows of the embedded leaderboard. ``--shared-records DIR``
+(e.g. ``results``) runs the pretrained arms — exactly the leaderboard's configurations — in DIR with
+``skip_done=true``: records already there (same config hash) are reused, new ones join the leaderboard.
 """
 from __future__ import annotations
 
@@ -35,7 +43,19 @@ IMAGE_ARMS, IMAGE_CLAIMS = ARMS, CLAIMS
 TASKS = {  # --task: (dataset, backbone, default output under results/)
     "image": ("synthetic/dsprites_loc", "vit_micro", "embedded/margins.md"),
     "video": ("synthetic/moving_dsprites", "video_micro", "embedded_video/margins.md"),
+    "dense": ("synthetic/shapes_det", "swin_micro", "embedded_dense/margins.md"),
 }
+DENSE_DATASETS = ("synthetic/shapes_det", "synthetic/shapes_seg")
+# the embedded dense schedule: conf/recipe/lora/synthetic/shapes_{det,seg}.yaml, given to every method
+DENSE_TRAIN = ["train.epochs=6", "train.batch_size=16", "train.lr=3e-3", "train.weight_decay=1e-4",
+               "eval.batch_size=64"]
+DENSE_ARMS = (
+    ("linear, random init", ["method=linear", "backbone.checkpoint=null", *DENSE_TRAIN]),
+    ("linear, pretrained", ["method=linear", *DENSE_TRAIN]),
+    ("lora, random init", ["method=lora", "backbone.checkpoint=null", *DENSE_TRAIN]),
+    ("lora, pretrained", ["method=lora", *DENSE_TRAIN]),
+)
+DENSE_CLAIMS = ((1, 0), (3, 2))
 # video: the default job (lora) on the inflated pretrained video_micro vs on a random one, and vs chance
 VIDEO_ARMS = (("lora, random init", ["method=lora", "backbone.checkpoint=null"]), ("lora, pretrained", ["method=lora"]))
 VIDEO_CLAIMS = ((1, 0),)
@@ -44,7 +64,8 @@ VIDEO_CLAIMS = ((1, 0),)
 def use_task(task: str) -> None:
     """Select the arms and claims of ``task`` (module-level, as ``check``/``render`` read them)."""
     global ARMS, CLAIMS
-    ARMS, CLAIMS = (VIDEO_ARMS, VIDEO_CLAIMS) if task == "video" else (IMAGE_ARMS, IMAGE_CLAIMS)
+    ARMS, CLAIMS = {"video": (VIDEO_ARMS, VIDEO_CLAIMS), "dense": (DENSE_ARMS, DENSE_CLAIMS)}.get(
+        task, (IMAGE_ARMS, IMAGE_CLAIMS))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -68,14 +89,21 @@ def check(scores: dict[str, list[float]], chance: float | None = None) -> list[d
 
 
 def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], seconds: float, data: str,
-           task: str = "image", chance: float | None = None, run_s: list[float] | None = None) -> str:
-    dataset, backbone, _ = TASKS[task]
+           task: str = "image", chance: float | None = None, run_s: list[float] | None = None,
+           dataset: str | None = None, metric: str = "top-1 %", header: bool = True, reused: int = 0) -> str:
+    default_dataset, backbone, _ = TASKS[task]
+    dataset = dataset or default_dataset
     flag = "" if task == "image" else f" --task {task}"
-    title = "lora on pretrained vs random" if task == "video" else "pretrained vs random, lora vs linear"
-    lines = [f"# Embedded default: {title} {backbone}", "",
-             f"- dataset `{dataset}` ({data}), backbone `{backbone}`, "
+    title = {"video": "lora on pretrained vs random", "dense": "pretrained vs random (linear and lora)"}.get(
+        task, "pretrained vs random, lora vs linear")
+    lines = [f"# Embedded default: {title} {backbone}", ""] if header else []
+    if task == "dense":
+        lines += [f"## `{dataset}` ({metric})", ""]
+    lines += [f"- dataset `{dataset}` ({data}), backbone `{backbone}`, "
              f"seeds {', '.join(map(str, seeds))}, default recipe" + (f", overrides `{' '.join(extra)}`" if extra else ""),
-             f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine)"]
+             f"- regenerate: `python -m tools.embedded_margins{flag}` ({seconds / 60:.1f} min on this machine"
+             + (f"; {reused} of {len(seeds) * len(ARMS)} runs reused from existing records (skip_done), their "
+                "wall times are the original runs'" if reused else "") + ")"]
     if run_s:
         lines.append(f"- wall time of one run of the default job (lora, pretrained): {min(run_s):.1f}-{max(run_s):.1f} s")
     lines += [""]
@@ -85,7 +113,8 @@ def render(scores: dict[str, list[float]], seeds: list[int], extra: list[str], s
     for arm, _ in ARMS:
         m, s = mean_std(scores[arm])
         lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in scores[arm]) + f" | {m:.2f} ± {s:.2f} |")
-    lines += ["", "| claim | margin (pp) | larger std | holds |", "|---|---:|---:|---|"]
+    lines += ["", f"| claim | margin ({'pp' if task != 'dense' else metric + ' points'}) | larger std | holds |",
+              "|---|---:|---:|---|"]
     for r in check(scores, chance):
         lines.append(f"| {r['better']} > {r['worse']} | {r['margin']:.2f} | {r['std']:.2f} | "
                      f"{'yes' if r['holds'] else 'NO'} |")
@@ -107,6 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every run, e.g. train.epochs=2")
     p.add_argument("--records", default=None, help="results folder for the runs' records (default: temporary)")
+    p.add_argument("--shared-records", default=None,
+                   help="results folder for the pretrained arms (the leaderboard's configurations), with skip_done")
     p.add_argument("--task", choices=sorted(TASKS), default="image")
     p.add_argument("--out", default=None, help="default: results/embedded/margins.md (video: results/embedded_video/)")
     a = p.parse_args(argv)
@@ -115,26 +146,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     use_task(a.task)
     import_suite()
     seeds = [int(s) for s in a.seeds.split(",")]
-    scores: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
     t0 = time.perf_counter()
+    texts, holds = [], True
+    dataset_list = DENSE_DATASETS if a.task == "dense" else (dataset,)
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         records = a.records or tmp
-        d = compose("config", overrides=[f"dataset={dataset}", f"backbone={backbone}", *a.extra]).dataset
-        data = f"{d.num_classes} classes, {d.sizes.train} train / {d.sizes.test:,} test"
-        chance = 100.0 / int(d.num_classes) if a.task == "video" else None
-        run_s = []
-        for arm, over in ARMS:
-            for seed in seeds:
-                overrides = [*over, f"dataset={dataset}", f"backbone={backbone}", f"seed={seed}", "progress=false",
-                             f"results.dir={records}", *a.extra]
-                rec = run(compose("config", overrides=overrides), overrides)
-                scores[arm].append(float(rec["score"]))
-                if arm == ARMS[-1][0]:
-                    run_s.append(float(rec["perf"]["wall_s"]))
-    text = render(scores, seeds, a.extra, time.perf_counter() - t0, data, a.task, chance, run_s if chance else None)
+        for n, ds in enumerate(dataset_list):
+            t1 = time.perf_counter()
+            scores: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
+            d = compose("config", overrides=[f"dataset={ds}", f"backbone={backbone}", *a.extra]).dataset
+            data = f"{d.num_classes} classes, {d.sizes.train} train / {d.sizes.test:,} test"
+            chance = 100.0 / int(d.num_classes) if a.task == "video" else None
+            metric = {"detection": "box AP", "segmentation": "mIoU"}.get(str(d.get("kind")), "top-1 %")
+            run_s, reused = [], 0
+            for arm, over in ARMS:
+                shared = a.shared_records and "backbone.checkpoint=null" not in over
+                for seed in seeds:
+                    overrides = [*over, f"dataset={ds}", f"backbone={backbone}", f"seed={seed}", "progress=false",
+                                 f"results.dir={a.shared_records if shared else records}", *a.extra]
+                    if shared:
+                        overrides.append("skip_done=true")
+                    rec = run(compose("config", overrides=overrides), overrides)
+                    scores[arm].append(float(rec["score"]))
+                    reused += bool(rec.get("skipped"))
+                    if arm == ARMS[-1][0]:
+                        run_s.append(float(rec["perf"]["wall_s"]))
+            dense = a.task == "dense"
+            texts.append(render(scores, seeds, a.extra, time.perf_counter() - (t1 if dense else t0), data, a.task,
+                                chance, run_s if (chance or dense) else None, ds, metric, header=n == 0,
+                                reused=reused))
+            holds = holds and all(r["holds"] for r in check(scores, chance))
+    text = "\n".join(texts)
     write_text_atomic(Path(a.out), text)
     print(text)
-    return 0 if all(r["holds"] for r in check(scores, chance)) else 1
+    return 0 if holds else 1
 
 
 if __name__ == "__main__":

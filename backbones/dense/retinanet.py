@@ -10,7 +10,10 @@ Sizes (``min_size``/``max_size``) are the recipe's resize (VOC: 600/1000); train
 from __future__ import annotations
 
 from torch import nn
+from functools import partial
+
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from backbones.dense import register
@@ -41,7 +44,14 @@ def build_retinanet(cfg, in_channels, num_classes, mean, std) -> nn.Module:
     levels = len(in_channels) + (2 if cfg.get("fpn_extra", "p6p7") == "p6p7" else 0)
     sizes = anchor_sizes(cfg, levels)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
-    det = RetinaNet(slot, num_classes=num_classes, min_size=min_sizes(cfg, 600), max_size=int(cfg.get("max_size", 1000)), image_mean=mean, image_std=std, anchor_generator=anchors,
+    head = None  # torchvision's head (the anchors': no norm); head_norm: gn = GroupNorm(8) (RetinaNet v2's head)
+    if cfg.get("head_norm"):
+        if str(cfg.head_norm) != "gn":
+            raise ValueError(f"retinanet decoder head_norm {cfg.head_norm!r}: only 'gn' (or null)")
+        c = int(cfg.get("fpn_channels", 256))
+        head = RetinaNetHead(c, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, min(32, c // 2)))
+    det = RetinaNet(slot, head=head, num_classes=num_classes, min_size=min_sizes(cfg, 600), max_size=int(cfg.get("max_size", 1000)), image_mean=mean, image_std=std, anchor_generator=anchors,
         score_thresh=float(cfg.get("score_thresh", 0.05)), nms_thresh=float(cfg.get("nms_thresh", 0.5)),
         detections_per_img=int(cfg.get("detections", 100)), topk_candidates=int(cfg.get("topk", 1000)),
         fg_iou_thresh=0.5, bg_iou_thresh=0.4)
