@@ -258,3 +258,16 @@ def test_slurm_preset_composes_on_the_submitit_plugin():
     assert slurm.timeout_min > 0 and slurm.cpus_per_task and slurm.mem_gb and slurm.setup == []
     assert local._target_.endswith("LocalLauncher")
     assert Path(CONF_DIR / "hydra" / "launcher" / "slurm.yaml").read_text().count("#") > 10  # documented
+
+
+def test_two_sweeps_started_in_one_second_get_their_own_folders():
+    """hydra.sweep.dir resolves to microseconds: two multiruns launched together (e.g. one per dataset on one
+    machine) must not share job folders or ``.bench_status`` (they did with Hydra's %H-%M-%S)."""
+    from hydra.core.utils import setup_globals
+
+    from bench import CONF_DIR
+
+    setup_globals()  # Hydra's ${now:} resolver
+    pattern = OmegaConf.load(CONF_DIR / "config.yaml").hydra.sweep.dir
+    dirs = {str(OmegaConf.create({"d": pattern}).d) for _ in range(3)}
+    assert len(dirs) == 3 and all(re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", d) for d in dirs)
