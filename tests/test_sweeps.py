@@ -263,11 +263,16 @@ def test_slurm_preset_composes_on_the_submitit_plugin():
 def test_two_sweeps_started_in_one_second_get_their_own_folders():
     """hydra.sweep.dir resolves to microseconds: two multiruns launched together (e.g. one per dataset on one
     machine) must not share job folders or ``.bench_status`` (they did with Hydra's %H-%M-%S)."""
+    import time
+
     from hydra.core.utils import setup_globals
 
     from bench import CONF_DIR
 
     setup_globals()  # Hydra's ${now:} resolver
-    pattern = OmegaConf.load(CONF_DIR / "config.yaml").hydra.sweep.dir
-    dirs = {str(OmegaConf.create({"d": pattern}).d) for _ in range(3)}
+    pattern = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").hydra.sweep)["dir"]  # unresolved
+    dirs = set()
+    for _ in range(3):
+        dirs.add(str(OmegaConf.create({"d": pattern}).d))
+        time.sleep(0.002)
     assert len(dirs) == 3 and all(re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", d) for d in dirs)
