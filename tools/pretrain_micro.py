@@ -111,6 +111,28 @@ def _split(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:n // 10], perm[n // 10:]
 
 
+def fit(model, params, loss_of, tr_idx: torch.Tensor, args, g: torch.Generator, desc: str) -> int:
+    """AdamW + the warm-up/cosine schedule over ``args.epochs`` shuffled passes of ``tr_idx`` in batches of
+    ``args.batch``; ``loss_of(batch indices)`` gives the loss. Returns the number of steps."""
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps = (len(tr_idx) + args.batch - 1) // args.batch
+    sched = _schedule(opt, args.epochs, steps)
+    step = 0
+    bar = tqdm(range(args.epochs), desc=desc, mininterval=5.0)
+    for _ in bar:
+        model.train()
+        order = tr_idx[torch.randperm(len(tr_idx), generator=g)]
+        for k in range(steps):
+            loss = loss_of(order[k * args.batch:(k + 1) * args.batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            sched.step_update(step)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return step
+
+
 def train_cls(args, cfg, g: torch.Generator) -> tuple[dict, dict]:
     """Whole-image fractal classification → (backbone state without the head, metrics)."""
     import backbones
@@ -127,26 +149,14 @@ def train_cls(args, cfg, g: torch.Generator) -> tuple[dict, dict]:
     std = torch.tensor(list(cfg.std)).view(1, 3, 1, 1)
 
     model = backbones.build(cfg, num_classes=args.classes, drop_path=0.1)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = (len(tr_idx) + args.batch - 1) // args.batch
-    sched = _schedule(opt, args.epochs, steps)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    step = 0
-    bar = tqdm(range(args.epochs), desc=f"pretrain {args.backbone}", mininterval=5.0)
-    for _ in bar:
-        model.train()
-        order = tr_idx[torch.randperm(len(tr_idx), generator=g)]
-        for k in range(steps):
-            idx = order[k * args.batch:(k + 1) * args.batch]
-            x = augment(x_all[idx].float() / 255.0, g)
-            x = ((colourise(x, g) if args.colour else x) - mean) / std
-            loss = loss_fn(model(x), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sched.step_update(step)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    def loss_of(idx):
+        x = augment(x_all[idx].float() / 255.0, g)
+        x = ((colourise(x, g) if args.colour else x) - mean) / std
+        return loss_fn(model(x), y_all[idx])
+
+    step = fit(model, list(model.parameters()), loss_of, tr_idx, args, g, f"pretrain {args.backbone}")
     model.eval()
     gv = torch.Generator().manual_seed(args.seed + 1)  # held-out colours: fixed, apart from the training draws
     with torch.no_grad():
@@ -198,30 +208,17 @@ def train_seg(args, cfg, g: torch.Generator) -> tuple[dict, dict]:
     probe = SegProbe(model.out_channels, n_cls)
     r = int(model.out_strides[0])
     cells = slice(r // 2, None, r)  # the label at each cell centre of the finest map (after the flip)
-    params = list(model.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps = (len(tr_idx) + args.batch - 1) // args.batch
-    sched = _schedule(opt, args.epochs, steps)
     loss_fn = torch.nn.CrossEntropyLoss()
-    step = 0
-    bar = tqdm(range(args.epochs), desc=f"pretrain {args.backbone} (seg)", mininterval=5.0)
-    for _ in bar:
-        model.train()
-        order = tr_idx[torch.randperm(len(tr_idx), generator=g)]
-        for k in range(steps):
-            idx = order[k * args.batch:(k + 1) * args.batch]
-            x, y = x_all[idx].float() / 255.0, y_all[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            y = torch.where(flip[:, None, None], y.flip(2), y)
-            y = y[:, cells, cells]
-            loss = loss_fn(probe(model.forward_features((x - mean) / std), y.shape[-2:]), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sched.step_update(step)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    def loss_of(idx):
+        x, y = x_all[idx].float() / 255.0, y_all[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        y = torch.where(flip[:, None, None], y.flip(2), y)[:, cells, cells]
+        return loss_fn(probe(model.forward_features((x - mean) / std), y.shape[-2:]), y)
+
+    params = list(model.parameters()) + list(probe.parameters())
+    step = fit(model, params, loss_of, tr_idx, args, g, f"pretrain {args.backbone} (seg)")
     model.eval()
     conf, fg = SegConfusion(n_cls), SegConfusion(2)
     with torch.no_grad():

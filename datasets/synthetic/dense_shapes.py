@@ -56,6 +56,18 @@ def shape_mask(kind: int, cx: float, cy: float, diameter: float, angle: float) -
     return inside
 
 
+def contrasting_colour(under: np.ndarray, rng: np.random.Generator, min_l1: float = 120.0,
+                       tries: int = 30) -> np.ndarray:
+    """A uniform random RGB colour at least ``min_l1`` (L1) from ``under``, redrawn up to ``tries`` times (the
+    last draw is kept if none is)."""
+    colour = rng.uniform(0, 255, 3)
+    for _ in range(tries):
+        if np.abs(colour - under).sum() >= min_l1:
+            break
+        colour = rng.uniform(0, 255, 3)
+    return colour
+
+
 def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 [SIZE, SIZE, 3] image, uint8 [SIZE, SIZE] instance map 0 = background / j + 1, int8 [MAX] classes)."""
     img = background(rng)
@@ -72,12 +84,7 @@ def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]
             continue
         kind = int(rng.integers(len(CLASSES)))
         m = shape_mask(kind, cx, cy, d, rng.uniform(0, 2 * np.pi))
-        under = img[m].mean(0)
-        colour = rng.uniform(0, 255, 3)
-        for _c in range(30):
-            if np.abs(colour - under).sum() >= 120:
-                break
-            colour = rng.uniform(0, 255, 3)
+        colour = contrasting_colour(img[m].mean(0), rng)
         img[m] = colour + rng.normal(0, 6, (int(m.sum()), 3))
         j = len(placed)
         inst[m] = j + 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasets.synthetic.dense_shapes import contrasting_colour
 from datasets.synthetic.fractals import fractal_dataset
 
 RENDER = 32
@@ -56,12 +57,7 @@ def paste(img: np.ndarray, labels: np.ndarray, mask: np.ndarray, label: int, rng
     if not m.any():
         return
     region = img[ys, xs]
-    under = region[m].mean(0)
-    colour = rng.uniform(0, 255, 3)
-    for _ in range(30):
-        if np.abs(colour - under).sum() >= 120:
-            break
-        colour = rng.uniform(0, 255, 3)
+    colour = contrasting_colour(region[m].mean(0), rng)
     region[m] = colour + rng.normal(0, 6, (int(m.sum()), 3))
     labels[ys, xs][m] = label
 
